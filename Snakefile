@@ -1,0 +1,81 @@
+# SDS (Sparse-Dense-Sparse) pruning pipeline. Run: `snakemake --cores 2` (see README.md).
+# Rules are thin: each runs one stage function of src/sds/stages.py through `python -m sds.cli`.
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+from sds.config import ConfigError, validate_config  # noqa: E402
+from sds.pruners import parse_pattern  # noqa: E402
+
+
+configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
+
+
+try:
+    RESOLVED = validate_config(config)
+except ConfigError as exc:
+    sys.stderr.write(f"sds: invalid configuration: {exc}\n")
+    sys.exit(1)
+validate(config, "config/schema.yaml")  # the same schema through Snakemake (also fills its defaults)
+
+RUN = RESOLVED["run"]
+R = f"results/{RUN}"
+BUILTIN = RESOLVED["model"]["source"] == "builtin"
+MODEL = f"{R}/model" if BUILTIN else RESOLVED["model"]["source"]
+METHODS = RESOLVED["prune"]["methods"]
+PATTERNS = [parse_pattern(p).slug for p in RESOLVED["prune"]["patterns"]]
+RECONS = list(RESOLVED["reconstruct"])
+PY = sys.executable
+
+# The resolved config every stage reads. Rewritten only when it changes; it is not a rule input, so
+# a change re-runs only the rules whose `params` (their own slice of the config) changed.
+CONFIG_JSON = f"{R}/config.json"
+_resolved_text = json.dumps(RESOLVED, indent=2, sort_keys=True) + "\n"
+if not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text:
+    os.makedirs(R, exist_ok=True)
+    with open(CONFIG_JSON + ".tmp", "w") as _fh:
+        _fh.write(_resolved_text)
+    os.replace(CONFIG_JSON + ".tmp", CONFIG_JSON)
+
+STAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} {PY} -m sds.cli"
+THREADS = RESOLVED["threads"]
+
+
+def slice_of(*keys):
+    """The config values a rule depends on, as its params (Snakemake re-runs a rule when they change)."""
+    out = {}
+    for key in keys:
+        node = RESOLVED
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return json.dumps(out, sort_keys=True)
+
+
+wildcard_constraints:
+    method="magnitude|wanda|sparsegpt",
+    pattern=r"\d+of\d+|unstructured[0-9p]+",
+    recon=r"[A-Za-z0-9_.-]+",
+
+
+include: "workflow/rules/model.smk"
+include: "workflow/rules/calibration.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/prune1.smk"
+include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/prune2.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        f"{R}/report/report.md",
+    default_target: True

@@ -1,0 +1,159 @@
+"""Configuration: validation against config/schema.yaml with messages that name the key, defaults,
+semantic checks (patterns, lengths) and a stable hash of the resolved config."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from .pruners import parse_pattern
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and what was expected."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key_path(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _fill_defaults(schema: dict, value):
+    """Fills `default`s from the schema into `value` (in place where possible), recursively."""
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _fill_defaults(sub, value[key])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in value:
+                if key not in schema.get("properties", {}):
+                    value[key] = _fill_defaults(extra, value[key])
+    return value
+
+
+def _describe(error) -> str:
+    key = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(allowed))
+        where = f" in '{key}'" if error.absolute_path else ""
+        return (f"unknown config key{'s' if len(unexpected) > 1 else ''} {', '.join(map(repr, unexpected))}{where}; "
+                f"expected one of: {', '.join(allowed)}")
+    if error.validator == "required":
+        return f"config '{key}': {error.message}"
+    expected = {
+        "enum": lambda: f"one of {', '.join(map(repr, error.validator_value))}",
+        "type": lambda: f"a value of type {error.validator_value}",
+        "minimum": lambda: f"a number ≥ {error.validator_value}",
+        "exclusiveMinimum": lambda: f"a number > {error.validator_value}",
+        "maximum": lambda: f"a number ≤ {error.validator_value}",
+        "pattern": lambda: f"a string matching {error.validator_value}",
+        "minItems": lambda: f"at least {error.validator_value} item(s)",
+        "minProperties": lambda: f"at least {error.validator_value} entry(ies)",
+    }.get(error.validator, lambda: error.message)()
+    return f"config key '{key}' = {error.instance!r} is invalid: expected {expected}"
+
+
+def validate_config(raw: dict) -> dict:
+    """Returns the resolved config (defaults filled) or raises ConfigError naming the offending key."""
+    import jsonschema
+
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping of keys to values")
+    schema = load_schema()
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    config = _fill_defaults(schema, copy.deepcopy(raw))
+    errors = list(validator.iter_errors(config))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    _semantic_checks(config)
+    return config
+
+
+def _semantic_checks(config: dict) -> None:
+    for i, text in enumerate(config["prune"]["patterns"]):
+        try:
+            parse_pattern(text)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'prune.patterns.{i}': {exc}") from None
+    calib_len = config["calibration"]["seqlen"]
+    eval_len = config["evaluate"]["seqlen"]
+    context = model_context_length(config)
+    for key, value in (("calibration.seqlen", calib_len), ("evaluate.seqlen", eval_len)):
+        if context is not None and value > context:
+            raise ConfigError(f"config key '{key}' = {value} exceeds the model's context length {context} "
+                              f"(max_position_embeddings)")
+    builtin = config["model"]["builtin"]
+    if config["model"]["source"] == "builtin":
+        if builtin["hidden"] % builtin["heads"]:
+            raise ConfigError(f"config key 'model.builtin.heads' = {builtin['heads']}: must divide "
+                              f"model.builtin.hidden = {builtin['hidden']}")
+        if builtin["seqlen"] > builtin["max_positions"]:
+            raise ConfigError(f"config key 'model.builtin.seqlen' = {builtin['seqlen']} exceeds "
+                              f"model.builtin.max_positions = {builtin['max_positions']}")
+        corpus = builtin["corpus"]
+        if corpus["source"] == "text":
+            for key in ("train_path", "test_path"):
+                if not corpus.get(key):
+                    raise ConfigError(f"config key 'model.builtin.corpus.{key}' is required when source is 'text'")
+                if not Path(corpus[key]).is_file():
+                    raise ConfigError(f"config key 'model.builtin.corpus.{key}': file {corpus[key]!r} not found")
+    elif config["calibration"]["source"] == "builtin":
+        raise ConfigError("config key 'calibration.source' = 'builtin' needs model.source 'builtin' "
+                          "(an external model has no built-in corpus: give a text file or hf: dataset)")
+    for name, source in config["evaluate"]["datasets"].items():
+        if source == "builtin" and config["model"]["source"] != "builtin":
+            raise ConfigError(f"config key 'evaluate.datasets.{name}' = 'builtin' needs model.source 'builtin'")
+        if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
+            raise ConfigError(f"config key 'evaluate.datasets.{name}': file {source!r} not found")
+    source = config["calibration"]["source"]
+    if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
+        raise ConfigError(f"config key 'calibration.source': file {source!r} not found")
+
+
+def model_context_length(config: dict) -> int | None:
+    """The model's max positions when it can be known without loading weights."""
+    model = config["model"]
+    if model["source"] == "builtin":
+        return model["builtin"]["max_positions"]
+    path = Path(model["source"])
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"config key 'model.source': {str(path)!r} has no config.json "
+                              "(expected a save_pretrained folder)")
+        cfg = json.loads(cfg_file.read_text())
+        return cfg.get("max_position_embeddings")
+    if path.is_absolute() or model["source"].startswith("."):
+        raise ConfigError(f"config key 'model.source': path {model['source']!r} does not exist")
+    return None
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of the resolved config (key order independent)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    return validate_config(raw)

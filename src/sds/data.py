@@ -1,0 +1,83 @@
+"""Text sources (built-in corpus, local files, `datasets` cache), tokenisation and calibration sampling."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """A text source that cannot be read or is too short; the message names it."""
+
+
+def read_text_source(source: str, *, text_field: str = "text", builtin_text: str | Path | None = None,
+                     split: str = "train") -> str:
+    """The text of a source: 'builtin' (a file the corpus stage wrote), a .txt/.jsonl/.parquet path, or
+    'hf:<dataset>[:<config>[:<split>]]' read from the local `datasets` cache (no downloads are attempted
+    when HF_DATASETS_OFFLINE=1). Lines/records are joined with blank lines, the WikiText convention."""
+    if source == "builtin":
+        if builtin_text is None:
+            raise DataError("text source 'builtin' needs the built-in corpus")
+        return _read_file(Path(builtin_text), text_field)
+    if source.startswith("hf:"):
+        return _read_datasets(source, text_field, split)
+    return _read_file(Path(source), text_field)
+
+
+def _read_file(path: Path, text_field: str) -> str:
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(str(path), columns=[text_field])
+            return "\n\n".join(str(x) for x in table.column(text_field).to_pylist())
+        if suffix in (".jsonl", ".json"):
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return "\n\n".join(str(r[text_field]) for r in records)
+        return path.read_text(encoding="utf-8")
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
+    except Exception as exc:  # pyarrow errors
+        raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
+
+
+def _read_datasets(source: str, text_field: str, default_split: str) -> str:
+    parts = source[3:].split(":")
+    name, cfg = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 else default_split
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, cfg, split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}) from the local datasets cache: {exc}") from None
+    return "\n\n".join(str(x) for x in ds[text_field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text, tokenised once, no special tokens added (1-D long tensor)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens (seeded), shape (nsamples, seqlen)."""
+    if ids.numel() < seqlen + 1:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def perplexity_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ⌊T/seqlen⌋ × seqlen, the SparseGPT/Wanda perplexity protocol."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)

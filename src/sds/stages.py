@@ -1,0 +1,523 @@
+"""The pipeline's stages. Each Snakemake rule calls exactly one function here (through `sds.cli`).
+
+A stage reads its inputs, does its work through the plumbing (`model`, `layerwise`) and the algorithms
+(`pruners`, `reconstruct`), writes its outputs atomically (`io`) and records itself in MLflow (`tracking`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import config_hash
+from .io import (ParquetTensorWriter, atomic_dir, iter_parquet_tensors, load_tensors, read_json, save_tensors,
+                 write_json, write_text)
+from .model import (apply_weights, clone_layer, decoder_layers, decoder_layers_prefix, find_linears,
+                    layer_kwargs, load_model, run_layer)
+from .layerwise import check_finite, collect_stats, propagate, update_layer
+from .pruners import parse_pattern, pattern_from_slug, prune
+from .reconstruct import adjust, fista, relative_error
+from .tracking import record_stage
+
+log = logging.getLogger("sds")
+
+
+# --- shared helpers ----------------------------------------------------------------------------------
+
+class Progress:
+    """Logs 'what i/n · elapsed · ETA' lines (to the terminal and the rule's log via stderr)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.start = what, total, time.monotonic()
+
+    def __call__(self, done: int, total: int | None = None, extra: str = "") -> None:
+        total = total or self.total
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        log.info("%s %d/%d · elapsed %.1fs · ETA %.1fs%s", self.what, done, total, elapsed, eta,
+                 f" · {extra}" if extra else "")
+
+
+def setup(config: dict) -> torch.device:
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    want = config["device"]
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'device' = 'cuda' but CUDA is not available on this machine")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def provenance() -> dict:
+    rev = "unknown"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import transformers
+
+    return {"sds_version": __version__, "git_revision": rev, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__, "python_version": platform.python_version()}
+
+
+def _track(config, stage, *, params=None, metrics=None, artifacts=(), parent_artifacts=()):
+    record_stage(config, config_hash(config), stage, params=params or {}, metrics=metrics or {},
+                 artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance())
+
+
+def _model(config: dict, model_dir: str, device) -> tuple:
+    return load_model(model_dir, dtype=config["model"]["dtype"],
+                      trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
+
+
+def _cache_file(directory: str | Path, layer: int) -> Path:
+    return Path(directory) / f"layer_{layer:03d}.parquet"
+
+
+def _read_stream(directory, layer, dtype, device) -> list[torch.Tensor]:
+    return [t.to(device, dtype) for t in iter_parquet_tensors(_cache_file(directory, layer))]
+
+
+def _iter_stream(directory, layer, dtype, device):
+    return (t.to(device, dtype) for t in iter_parquet_tensors(_cache_file(directory, layer)))
+
+
+def _cache_dtype(config) -> torch.dtype:
+    return getattr(torch, config["activations"]["dtype"])
+
+
+def _stream_writer(config, directory, layer) -> ParquetTensorWriter:
+    act = config["activations"]
+    return ParquetTensorWriter(_cache_file(directory, layer), dtype=_cache_dtype(config),
+                               row_group_size=act["row_group_size"], compression=act["compression"])
+
+
+def _layer_weight_names(model, i) -> dict[str, str]:
+    prefix = f"{decoder_layers_prefix(model)}.{i}"
+    return {name: f"{prefix}.{name}.weight" for name in find_linears(decoder_layers(model)[i])}
+
+
+# --- 1. corpus and model ------------------------------------------------------------------------------
+
+def corpus(config: dict, out: str) -> None:
+    """Writes train.txt / test.txt: the generated corpus, or copies of configured text files."""
+    from .corpus import builtin_splits
+
+    spec = config["model"]["builtin"]["corpus"]
+    with atomic_dir(out) as tmp:
+        if spec["source"] == "generated":
+            splits = builtin_splits(spec["documents"], spec["test_documents"], config["seed"])
+        else:
+            splits = {"train": Path(spec["train_path"]).read_text(encoding="utf-8"),
+                      "test": Path(spec["test_path"]).read_text(encoding="utf-8")}
+        for name, text in splits.items():
+            if len(text.split()) < 1000:
+                raise ValueError(f"corpus split {name!r} has only {len(text.split())} words; at least 1000 needed")
+            (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
+    log.info("corpus: train %d chars, test %d chars", len(splits["train"]), len(splits["test"]))
+
+
+def build_model(config: dict, corpus_dir: str, out: str) -> None:
+    """Trains the embedded default model (tokenizer + small OPT) on the corpus's train split."""
+    from .modelbuild import build_model as train
+
+    device = setup(config)
+    b = config["model"]["builtin"]
+    torch.set_num_threads(b["threads"])
+    text = (Path(corpus_dir) / "train.txt").read_text(encoding="utf-8")
+    progress = Progress("train step", b["steps"])
+    start = time.monotonic()
+    with atomic_dir(out) as tmp:
+        info = train(text, tmp, vocab_size=b["vocab_size"], layers=b["layers"], hidden=b["hidden"],
+                     ffn=b["ffn"], heads=b["heads"], max_positions=b["max_positions"], steps=b["steps"],
+                     batch_size=b["batch_size"], seqlen=b["seqlen"], lr=b["lr"], seed=config["seed"],
+                     progress=lambda s, n, loss, _e: progress(s, n, f"loss {loss:.3f}") if s % 250 == 0 else None)
+        info["seconds"] = time.monotonic() - start
+        write_json(tmp / "build.json", info)
+    log.info("model built in %.1fs: %d parameters, final train loss %.3f", info["seconds"], info["parameters"],
+             info["final_train_loss"])
+    _track(config, "build_model", params=b, metrics=[("train_loss", v, (i + 1) * 10) for i, v in
+                                                      enumerate(info["loss_curve"])] +
+           [("parameters", info["parameters"], 0), ("seconds", info["seconds"], 0)])
+
+
+# --- 2. calibration -------------------------------------------------------------------------------------
+
+def calibration(config: dict, model_dir: str, corpus_dir: str | None, out: str) -> None:
+    """Samples nsamples × seqlen token windows (seeded) → Parquet of token ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from .data import read_text_source, sample_windows, tokenize
+    from .io import atomic_path, _write_checksum
+
+    setup(config)
+    cal = config["calibration"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
+    text = read_text_source(cal["source"], text_field=cal["text_field"],
+                            builtin_text=Path(corpus_dir) / "train.txt" if corpus_dir else None, split="train")
+    ids = tokenize(tokenizer, text)
+    windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
+    table = pa.table({"input_ids": pa.array(windows.to(torch.int32).tolist(), type=pa.list_(pa.int32()))})
+    with atomic_path(out) as tmp:
+        pq.write_table(table, str(tmp))
+    _write_checksum(Path(out))
+    log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
+    _track(config, "calibration", params=cal, metrics={"source_tokens": ids.numel()})
+
+
+def read_calibration(path: str) -> torch.Tensor:
+    import pyarrow.parquet as pq
+
+    from .io import CorruptFileError, HOW_TO_RECREATE, verify_checksum
+
+    verify_checksum(path)
+    try:
+        column = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").to_pylist()
+    except Exception as exc:
+        raise CorruptFileError(f"{path}: not a readable calibration file ({exc}); {HOW_TO_RECREATE}") from None
+    return torch.tensor(column, dtype=torch.long)
+
+
+# --- 3. dense activation cache --------------------------------------------------------------------------
+
+def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
+    """Runs the dense model layer by layer; caches each decoder layer's input (and the last output),
+    one Parquet file per layer boundary: layer_i = input of layer i = dense output of layer i−1."""
+    device = setup(config)
+    model, _ = _model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+    kwargs = layer_kwargs(model, windows.shape[1])
+    from .model import capture_layer_inputs
+
+    layers = decoder_layers(model)
+    progress = Progress("activations layer", len(layers))
+    with atomic_dir(out) as tmp:
+        with _stream_writer(config, tmp, 0) as writer:
+            stream = []
+            for row in windows:
+                hidden, _ = capture_layer_inputs(model, row.unsqueeze(0))
+                stream.append(hidden[0])
+                writer.append(hidden[0])
+        for i, layer in enumerate(layers):
+            with _stream_writer(config, tmp, i + 1) as writer:
+                next_stream = []
+                for out_hidden in propagate(layer, stream, kwargs, layer_name=f"dense layer {i}"):
+                    writer.append(out_hidden)
+                    next_stream.append(out_hidden)
+                stream = next_stream
+            progress(i + 1)
+        write_json(tmp / "manifest.json", {"layers": len(layers), "nsamples": windows.shape[0],
+                                           "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
+    _track(config, "activations", params=config["activations"], metrics={"layers": len(layers)})
+
+
+# --- 4. sequential prune / adjust passes ---------------------------------------------------------------
+
+def _sequential_pass(config, model, windows, dense_dir, update, *, source_weights=None, cross=False,
+                     stream_out=None, what="layer"):
+    """The SparseGPT/Wanda sequential protocol: for each decoder layer, collect its linears' input
+    statistics on the current (already-modified) stream, update its weights, then propagate.
+
+    `update(i, name, W_current, W_dense, stats) -> (W_new, mask, info)`. With `source_weights`, each layer
+    starts from those weights instead of the dense ones (the dense copy is kept as the target). With
+    `cross`, statistics pair the stream with the dense cache (the 'dense_stream' target)."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    kwargs = layer_kwargs(model, windows.shape[1])
+    layers = decoder_layers(model)
+    stream = _read_stream(dense_dir, 0, dtype, device)
+    progress = Progress(what, len(layers))
+    infos = {}
+    for i, layer in enumerate(layers):
+        dense_layer = clone_layer(layer)
+        names = _layer_weight_names(model, i)
+        dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
+        if source_weights is not None:
+            apply_weights(model, {names[n]: source_weights[names[n]] for n in names})
+        acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
+                            target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+                            layer_name=f"layer {i}")
+        layer_infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
+        for n, info in layer_infos.items():
+            infos[names[n]] = info
+        if stream_out is not None:
+            with _stream_writer(config, stream_out, i) as writer:
+                for h in stream:
+                    writer.append(h)
+        stream = list(propagate(layer, stream, kwargs, layer_name=f"layer {i}"))
+        errs = [v["rel_error"] for v in layer_infos.values() if "rel_error" in v]
+        progress(i + 1, extra=f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}")
+    return infos
+
+
+def _save_checkpoint(out_dir: Path, infos: dict, model, extra: dict | None = None) -> dict:
+    """weights.safetensors (every decoder linear), masks.safetensors and layers.json (per-linear info)."""
+    weights = {}
+    for i in range(len(decoder_layers(model))):
+        for name, full in _layer_weight_names(model, i).items():
+            weights[full] = dict(model.named_parameters())[full].detach()
+    masks = {k: v.pop("mask").to(torch.uint8) for k, v in infos.items() if "mask" in v}
+    save_tensors(out_dir / "weights.safetensors", weights)
+    if masks:
+        save_tensors(out_dir / "masks.safetensors", masks)
+    summary = {"linears": infos, **(extra or {})}
+    write_json(out_dir / "layers.json", summary)
+    return summary
+
+
+def _layer_metrics(infos: dict) -> list:
+    metrics = []
+    for step, (name, info) in enumerate(sorted(infos.items())):
+        for key in ("rel_error", "rel_error_before"):
+            if key in info:
+                metrics.append((f"{key}.{name}", info[key], 0))
+    return metrics
+
+
+def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, method: str, pattern: str,
+           out: str) -> None:
+    """First prune: one-shot, sequential, every linear of every decoder layer. Also caches the pruned
+    model's per-layer inputs (stream/) for the reconstruction stage."""
+    device = setup(config)
+    pat = pattern_from_slug(pattern)
+    p = config["prune"]
+    model, _ = _model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+
+    def update(i, name, W, W_dense, stats):
+        new_W, mask = prune(method, W, pat, hessian=stats.H, blocksize=p["blocksize"], percdamp=p["percdamp"])
+        return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
+                             "sparsity": 1 - float(mask.float().mean())}
+
+    start = time.monotonic()
+    with atomic_dir(out) as tmp:
+        (tmp / "stream").mkdir()
+        infos = _sequential_pass(config, model, windows, dense_dir, update, stream_out=tmp / "stream",
+                                 what=f"prune1 {method} {pat} layer")
+        _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat)})
+    log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
+    _track(config, f"prune1/{method}/{pattern}", params={"method": method, "pattern": str(pat), **p},
+           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+
+
+def _adjust_fn(config, pattern_obj):
+    p2 = config["prune2"]
+
+    def run(W_dense, stats, mask, W_init):
+        if p2["adjust"] == "none":
+            return W_init * mask
+        return adjust(W_dense, stats, mask, W_init, solver=p2["adjust"], steps=p2["adjust_steps"],
+                      percdamp=p2["percdamp"])
+    return run
+
+
+def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir: str, prune1_dir: str,
+                  out: str) -> None:
+    """Ablation: the post-prune weight adjustment applied to the first prune's masks directly (no dense
+    phase), so the dense phase's own contribution is visible."""
+    device = setup(config)
+    model, _ = _model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
+    masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
+    run_adjust = _adjust_fn(config, None)
+
+    def update(i, name, W, W_dense, stats):
+        mask = masks[name].bool()
+        new_W = run_adjust(W_dense, stats, mask, W)
+        return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
+                             "rel_error_before": relative_error(W, W_dense, stats)}
+
+    start = time.monotonic()
+    cross = config["prune2"]["adjust_target"] == "dense_stream"
+    with atomic_dir(out) as tmp:
+        infos = _sequential_pass(config, model, windows, dense_dir, update, source_weights=first, cross=cross,
+                                 what="prune1+adjust layer")
+        _save_checkpoint(tmp, infos, model)
+    _track(config, f"prune1_adjust/{Path(prune1_dir).parent.parent.name}/{Path(prune1_dir).parent.name}",
+           params=config["prune2"], metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+
+
+# --- 5. dense reconstruction ------------------------------------------------------------------------------
+
+def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, first_weights, first_masks,
+                      kwargs) -> dict:
+    """Re-fits every linear of decoder layer i with the pruned weights re-activated (FISTA on the
+    quadratic objective + L1/L2), from the caches only: layers are independent of each other."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    layer = decoder_layers(model)[i]
+    dense_layer = clone_layer(layer)
+    names = _layer_weight_names(model, i)
+    dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
+    if settings["inputs"] == "pruned":
+        apply_weights(model, {names[n]: first_weights[names[n]] for n in names})
+        stream = _iter_stream(Path(prune1_dir) / "stream", i, dtype, device)
+    else:
+        stream = _iter_stream(dense_dir, i, dtype, device)
+    cross = settings["target"] == "dense_stream" and settings["inputs"] == "pruned"
+    acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
+                        target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+                        layer_name=f"layer {i}")
+
+    def update(n, _W, stats):
+        full = names[n]
+        W1, mask1 = first_weights[full].float(), first_masks[full].bool()
+        omega = torch.where(mask1, torch.ones_like(W1), torch.full_like(W1, settings["l1_pruned_weight"]))
+        W = fista(W1, dense_weights[n], stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
+                  l1_weights=omega)
+        return W, None, {"rel_error_before": relative_error(W1, dense_weights[n], stats),
+                         "rel_error": relative_error(W, dense_weights[n], stats),
+                         "near_zero": float((W.abs() < 1e-8).float().mean())}
+
+    infos = update_layer(layer, acc, update)
+    return {names[n]: v for n, v in infos.items()}
+
+
+def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, out: str) -> None:
+    device = setup(config)
+    settings = config["reconstruct"][recon]
+    model, _ = _model(config, model_dir, device)
+    manifest = read_json(Path(dense_dir) / "manifest.json")
+    kwargs = layer_kwargs(model, manifest["seqlen"])
+    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
+    masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
+    layers = decoder_layers(model)
+    progress = Progress(f"reconstruct {recon} layer", len(layers))
+    start = time.monotonic()
+    infos = {}
+    for i in range(len(layers)):
+        infos.update(reconstruct_layer(model, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir,
+                                       first_weights=first, first_masks=masks, kwargs=kwargs))
+        progress(i + 1)
+    with atomic_dir(out) as tmp:
+        _save_checkpoint(tmp, infos, model, {"settings": settings})
+    _track(config, f"reconstruct/{recon}", params=settings,
+           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+
+
+# --- 6. second prune ---------------------------------------------------------------------------------------
+
+def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, prune1_dir: str,
+           reconstruct_dir: str, method: str, pattern: str, out: str) -> None:
+    """Second prune of the reconstructed model with the same pruner and pattern (sequential), then the
+    weight adjustment to the dense target; writes a loadable Hugging Face folder with masks and a card."""
+    device = setup(config)
+    pat = pattern_from_slug(pattern)
+    p, p2 = config["prune"], config["prune2"]
+    model, tokenizer = _model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+    recon = load_tensors(Path(reconstruct_dir) / "weights.safetensors")
+    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
+    first_masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
+    run_adjust = _adjust_fn(config, pat)
+
+    def update(i, name, W, W_dense, stats):
+        pruned, mask = prune(method, W, pat, hessian=stats.H, blocksize=p["blocksize"], percdamp=p["percdamp"])
+        new_W = run_adjust(W_dense, stats, mask, pruned)
+        info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
+                "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
+        if p2["fallback"]:
+            first_err = relative_error(first[name], W_dense, stats)
+            info["rel_error_prune1"] = first_err
+            if first_err < info["rel_error"]:
+                new_W, mask = first[name].float(), first_masks[name].bool()
+                info.update(rel_error=first_err, fallback=True)
+        return new_W, mask, info
+
+    cross = p2["adjust_target"] == "dense_stream"
+    start = time.monotonic()
+    with atomic_dir(out) as tmp:
+        infos = _sequential_pass(config, model, windows, dense_dir, update, source_weights=recon, cross=cross,
+                                 what=f"prune2 {method} {pat} layer")
+        fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
+        summary = _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat),
+                                                       "fallbacks": fallbacks})
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        write_text(tmp / "model" / "README.md", model_card(config, method, pat, model, summary))
+    log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
+             time.monotonic() - start, fallbacks, len(infos))
+    _track(config, f"prune2/{method}/{pattern}", params={"method": method, "pattern": str(pat), **p2},
+           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0), ("fallbacks", fallbacks, 0)])
+
+
+def model_card(config, method, pat, model, summary) -> str:
+    from .evaluate import measured_sparsity
+
+    sp = measured_sparsity(model)
+    rows = "\n".join(f"| {i} | {s:.4f} |" for i, s in sp["per_layer"].items())
+    return f"""---
+library_name: transformers
+tags: [sparse, pruning, sds]
+---
+# SDS-pruned model
+
+- Base model: `{config['model']['source']}`
+- Method: SDS (Sparse-Dense-Sparse) with `{method}` as the pruner, pattern `{pat}`
+- Achieved sparsity of decoder linear weights: {sp['overall']:.4f} (exact zeros; masks in `../masks.safetensors`)
+- Linears that kept their first-prune weights (early exit): {summary.get('fallbacks', 0)}
+- Config hash: `{config_hash(config)}`; sds {__version__}
+- Metrics: see `results/{config['run']}/report/report.md` (perplexity of dense, one-shot and SDS models)
+
+Weights are dense safetensors with exact zeros; load with `AutoModelForCausalLM.from_pretrained`.
+
+| decoder layer | sparsity |
+|---|---|
+{rows}
+"""
+
+
+# --- 7. evaluation and report ------------------------------------------------------------------------------
+
+def evaluate(config: dict, model_dir: str, corpus_dir: str | None, out: str, weights: str | None = None,
+             stage: str = "dense", method: str = "", pattern: str = "", recon: str = "") -> None:
+    """Perplexity on every configured dataset and the achieved sparsity of one checkpoint."""
+    from .data import perplexity_windows, read_text_source, tokenize
+    from .evaluate import measured_sparsity, pattern_violations, perplexity
+
+    device = setup(config)
+    model, tokenizer = _model(config, model_dir, device)
+    if weights:
+        apply_weights(model, load_tensors(weights))
+    ev = config["evaluate"]
+    label = "/".join(x for x in (method, pattern, recon, stage) if x)
+    result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
+              "recon": recon, "ppl": {}, "windows": {}}
+    start = time.monotonic()
+    for name, source in ev["datasets"].items():
+        text = read_text_source(source, builtin_text=Path(corpus_dir) / "test.txt" if corpus_dir else None,
+                                split="test")
+        windows = perplexity_windows(tokenize(tokenizer, text), ev["seqlen"], ev["max_windows"])
+        progress = Progress(f"evaluate {label} on {name}: window", windows.shape[0])
+        result["ppl"][name] = perplexity(model, windows, progress=lambda d, n: progress(d, n) if d == n else None)
+        result["windows"][name] = windows.shape[0]
+        log.info("%s: perplexity on %s = %.4f (%d windows of %d)", label, name, result["ppl"][name],
+                 windows.shape[0], ev["seqlen"])
+    sp = measured_sparsity(model)
+    result["sparsity"], result["sparsity_per_layer"] = sp["overall"], sp["per_layer"]
+    if pattern:
+        result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
+    result["seconds"] = time.monotonic() - start
+    write_json(out, result)
+    _track(config, f"evaluate/{label}", params={"label": label},
+           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],
+                    "seconds": result["seconds"]})
+
+
+def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
+           benchmarks: list[str] = (), checkpoints: list[str] = ()) -> None:
+    from .report import build_report
+
+    setup(config)
+    artifacts = build_report(config, evals, list(benchmarks), Path(out), Path(summary_csv), model_dir, list(checkpoints))
+    _track(config, "report", parent_artifacts=artifacts, artifacts=artifacts)

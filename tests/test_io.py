@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from sds.io import (CorruptFileError, ParquetTensorWriter, atomic_dir, atomic_path, iter_parquet_tensors,
+                    load_tensors, save_tensors, write_json)
+
+
+def test_safetensors_round_trip_is_exact(tmp_path):
+    tensors = {"a.weight": torch.randn(4, 8), "mask": torch.rand(4, 8) > 0.5, "h": torch.randn(3).half()}
+    save_tensors(tmp_path / "w.safetensors", tensors)
+    back = load_tensors(tmp_path / "w.safetensors")
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype
+        assert torch.equal(back[k], tensors[k])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_checkpoint_is_named(tmp_path, damage):
+    path = tmp_path / "w.safetensors"
+    save_tensors(path, {"x": torch.randn(64, 64)})
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="w.safetensors.*checksum mismatch.*re-run snakemake"):
+        load_tensors(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CorruptFileError, match="nothere.safetensors: file is missing"):
+        load_tensors(tmp_path / "nothere.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_parquet_stream_round_trip(tmp_path, dtype):
+    rows = [torch.randn(5, 6) for _ in range(7)]
+    with ParquetTensorWriter(tmp_path / "c.parquet", dtype=dtype, row_group_size=3) as w:
+        for r in rows:
+            w.append(r)
+    back = list(iter_parquet_tensors(tmp_path / "c.parquet"))
+    assert len(back) == 7
+    for a, b in zip(rows, back):
+        assert torch.equal(a.to(dtype), b)
+
+
+def test_parquet_corruption_detected(tmp_path):
+    with ParquetTensorWriter(tmp_path / "c.parquet", dtype=torch.float16, row_group_size=2) as w:
+        for _ in range(4):
+            w.append(torch.randn(3, 3))
+    p = tmp_path / "c.parquet"
+    p.write_bytes(p.read_bytes()[:-20])
+    with pytest.raises(CorruptFileError, match="c.parquet"):
+        list(iter_parquet_tensors(p))
+
+
+def test_failed_writes_leave_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "dir") as tmp:
+            (tmp / "f").write_text("partial")
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with ParquetTensorWriter(tmp_path / "c.parquet", dtype=torch.float16, row_group_size=1) as w:
+            w.append(torch.randn(2, 2))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    write_json(tmp_path / "ok.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["ok.json"]

@@ -1,0 +1,134 @@
+"""End to end: the real Snakemake workflow on the micro config (about two minutes on 2 cores)."""
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "MLFLOW_TRACKING_URI": ""})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run."""
+    m = re.search(r"Job stats:\n(.*?)\n\n", output + "\n\n", re.S)
+    if not m:
+        return set()
+    rules = set()
+    for line in m.group(1).splitlines()[2:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            rules.add(parts[0])
+    return rules
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("micro")
+    cfg = work / "micro.yaml"
+    cfg.write_text((ROOT / "config" / "micro.yaml").read_text())
+    proc = snakemake(work, "--cores", "2", "--configfile", str(cfg))
+    return work, cfg, proc
+
+
+def test_outputs_and_summary(micro_run):
+    work, _, _ = micro_run
+    r = work / "results" / "micro"
+    assert (r / "report" / "report.md").is_file()
+    assert (r / "report" / "ppl.png").stat().st_size > 1000
+    assert (r / "report" / "histograms.png").stat().st_size > 1000
+    rows = list(csv.DictReader((work / "results" / "summary.csv").open()))
+    assert {"model", "method", "pattern", "stage", "ppl", "sparsity"} <= set(rows[0])
+    assert {r_["stage"] for r_ in rows} == {"dense", "prune1", "prune1+adjust", "sds"}
+    for row in rows:
+        assert float(row["ppl"]) > 1.0
+        expected = 0.0 if row["stage"] == "dense" else 0.5
+        assert float(row["sparsity"]) == pytest.approx(expected, abs=1e-9)
+    report = (r / "report" / "report.md").read_text()
+    assert "| sparsegpt | 2:4 |" in report and "Seconds per stage" in report
+    # no temporary files left behind by atomic writes
+    assert not [p for p in r.rglob("*.tmp")]
+
+
+def test_rerun_is_a_no_op_and_reconstruct_change_reruns_only_downstream(micro_run):
+    work, cfg, _ = micro_run
+    assert planned_jobs(snakemake(work, "-n", "--configfile", str(cfg)).stdout) == set()
+    changed = yaml.safe_load(cfg.read_text())
+    changed["reconstruct"]["default"]["l1"] = 0.05
+    cfg2 = work / "micro_changed.yaml"
+    cfg2.write_text(yaml.safe_dump(changed))
+    out = snakemake(work, "-n", "--configfile", str(cfg2)).stdout
+    assert planned_jobs(out) == {"reconstruct", "prune2", "evaluate_sds", "report", "all"}
+    # a new pruning pattern reuses model, calibration and activations
+    changed = yaml.safe_load(cfg.read_text())
+    changed["prune"]["patterns"] = ["2:4", "unstructured:0.5"]
+    cfg3 = work / "micro_pattern.yaml"
+    cfg3.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(work, "-n", "--configfile", str(cfg3)).stdout)
+    assert "prune1" in jobs and not jobs & {"corpus", "build_model", "calibration", "activations"}
+    # the dry runs rewrote the resolved config; restore it for later tests
+    snakemake(work, "-n", "--configfile", str(cfg))
+
+
+def test_mlflow_records_parent_and_stage_runs(micro_run):
+    from mlflow.tracking import MlflowClient
+
+    work, _, _ = micro_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sds")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sds_role") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["config_hash"] == parent.data.tags["sds_config_hash"]
+    assert parent.data.params["calibration.nsamples"] == "4"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = {r.data.tags["sds_stage"] for r in children}
+    assert {"build_model", "calibration", "activations", "prune1/sparsegpt/2of4", "reconstruct/default",
+            "prune2/sparsegpt/2of4", "evaluate/sparsegpt/2of4/default/sds", "report"} <= stages
+    sds_eval = next(r for r in children if r.data.tags["sds_stage"] == "evaluate/sparsegpt/2of4/default/sds")
+    assert sds_eval.data.metrics["sparsity"] == pytest.approx(0.5)
+    assert sds_eval.data.metrics["ppl.builtin"] > 1
+    assert "git_revision" in sds_eval.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "report.md" in artifacts
+
+
+def test_sds_model_loads_and_generates(micro_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sds.evaluate import measured_sparsity, pattern_violations
+    from sds.pruners import parse_pattern
+
+    work, _, _ = micro_run
+    path = work / "results" / "micro" / "sparsegpt" / "2of4" / "default" / "sds" / "model"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert measured_sparsity(model)["overall"] == pytest.approx(0.5)
+    assert pattern_violations(model, parse_pattern("2:4")) == 0
+    ids = tok("The ship", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids.shape[1] + 10
+    assert "SDS" in (path / "README.md").read_text() and "sparsity" in (path / "README.md").read_text()
+
+
+def test_invalid_config_fails_before_any_work(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("run: bad\ncalibration: {nsampels: 3}\n")
+    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert "unknown config key 'nsampels' in 'calibration'" in proc.stderr + proc.stdout
+    assert not (tmp_path / "results").exists()

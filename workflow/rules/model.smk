@@ -1,0 +1,29 @@
+# The embedded default model: a generated corpus, then a tokenizer + small OPT trained on it.
+
+rule corpus:
+    output:
+        directory(f"{R}/corpus"),
+    params:
+        deps=slice_of("seed", "model.builtin.corpus"),
+    log:
+        f"{R}/logs/corpus.log",
+    benchmark:
+        f"{R}/benchmarks/corpus/corpus.tsv"
+    shell:
+        "{STAGE} corpus --config {CONFIG_JSON} out={output:q} 2>&1 | tee {log:q}"
+
+
+rule build_model:
+    input:
+        corpus=f"{R}/corpus",
+    output:
+        directory(f"{R}/model"),
+    params:
+        deps=slice_of("seed", "model.builtin"),
+    threads: RESOLVED["model"]["builtin"]["threads"]
+    log:
+        f"{R}/logs/build_model.log",
+    benchmark:
+        f"{R}/benchmarks/build_model/build_model.tsv"
+    shell:
+        "{STAGE} build_model --config {CONFIG_JSON} corpus_dir={input.corpus:q} out={output:q} 2>&1 | tee {log:q}"

@@ -1,0 +1,41 @@
+# First prune (one-shot, sequential) and the prune1+adjust ablation.
+
+rule prune1:
+    input:
+        model=MODEL if BUILTIN else [],
+        calibration=f"{R}/calibration.parquet",
+        dense=f"{R}/activations/dense",
+    output:
+        directory(f"{R}/{{method}}/{{pattern}}/prune1"),
+    params:
+        deps=slice_of("threads", "device", "model.dtype", "activations", "prune.blocksize", "prune.percdamp"),
+    threads: THREADS
+    log:
+        f"{R}/logs/prune1/{{method}}_{{pattern}}.log",
+    benchmark:
+        f"{R}/benchmarks/prune1/{{method}}_{{pattern}}.tsv"
+    shell:
+        "{STAGE} prune1 --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
+        "dense_dir={input.dense:q} method={wildcards.method} pattern={wildcards.pattern} out={output:q} "
+        "2>&1 | tee {log:q}"
+
+
+rule prune1_adjust:
+    input:
+        model=MODEL if BUILTIN else [],
+        calibration=f"{R}/calibration.parquet",
+        dense=f"{R}/activations/dense",
+        prune1=f"{R}/{{method}}/{{pattern}}/prune1",
+    output:
+        directory(f"{R}/{{method}}/{{pattern}}/prune1_adjust"),
+    params:
+        deps=slice_of("threads", "device", "model.dtype", "prune2.adjust", "prune2.adjust_steps",
+                      "prune2.adjust_target", "prune2.percdamp"),
+    threads: THREADS
+    log:
+        f"{R}/logs/prune1_adjust/{{method}}_{{pattern}}.log",
+    benchmark:
+        f"{R}/benchmarks/prune1_adjust/{{method}}_{{pattern}}.tsv"
+    shell:
+        "{STAGE} prune1_adjust --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
+        "dense_dir={input.dense:q} prune1_dir={input.prune1:q} out={output:q} 2>&1 | tee {log:q}"

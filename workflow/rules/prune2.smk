@@ -1,0 +1,22 @@
+# Second prune of the reconstructed model + weight adjustment: the final SDS checkpoint.
+
+rule prune2:
+    input:
+        model=MODEL if BUILTIN else [],
+        calibration=f"{R}/calibration.parquet",
+        dense=f"{R}/activations/dense",
+        prune1=f"{R}/{{method}}/{{pattern}}/prune1",
+        reconstruct=f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct",
+    output:
+        directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
+    params:
+        deps=slice_of("threads", "device", "model.dtype", "prune.blocksize", "prune.percdamp", "prune2"),
+    threads: THREADS
+    log:
+        f"{R}/logs/prune2/{{method}}_{{pattern}}_{{recon}}.log",
+    benchmark:
+        f"{R}/benchmarks/prune2/{{method}}_{{pattern}}_{{recon}}.tsv"
+    shell:
+        "{STAGE} prune2 --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
+        "dense_dir={input.dense:q} prune1_dir={input.prune1:q} reconstruct_dir={input.reconstruct:q} "
+        "method={wildcards.method} pattern={wildcards.pattern} out={output:q} 2>&1 | tee {log:q}"

@@ -1,0 +1,37 @@
+# The report: Markdown + CSV tables, seconds per stage, plots; merged into results/summary.csv.
+
+EVALS = [f"{R}/eval/dense.json"] + [
+    f"{R}/eval/{m}/{p}/{s}.json" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")
+] + [f"{R}/eval/{m}/{p}/{r}/sds.json" for m in METHODS for p in PATTERNS for r in RECONS]
+HIST_CKPTS = [f"{R}/{METHODS[0]}/{PATTERNS[0]}/prune1", f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/reconstruct",
+              f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/sds"]
+
+_B = f"{R}/benchmarks"
+BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "activations"]]
+BENCHMARKS += [f"{_B}/{s}/{m}_{p}.tsv" for s in ("prune1", "prune1_adjust") for m in METHODS for p in PATTERNS]
+BENCHMARKS += [f"{_B}/{s}/{m}_{p}_{r}.tsv" for s in ("reconstruct", "prune2") for m in METHODS for p in PATTERNS
+               for r in RECONS]
+BENCHMARKS += [f"{_B}/evaluate/dense.tsv"] + [f"{_B}/evaluate/{m}_{p}_{s}.tsv" for m in METHODS for p in PATTERNS
+                                              for s in ("prune1", "prune1_adjust")]
+BENCHMARKS += [f"{_B}/evaluate/{m}_{p}_{r}_sds.tsv" for m in METHODS for p in PATTERNS for r in RECONS]
+
+
+rule report:
+    input:
+        evals=EVALS,
+        checkpoints=HIST_CKPTS,
+    output:
+        report=f"{R}/report/report.md",
+        table=f"{R}/report/table.csv",
+    params:
+        deps=slice_of("report", "evaluate.datasets"),
+        evals=lambda wc, input: " ".join(f"evals={e}" for e in input.evals),
+        ckpts=lambda wc, input: " ".join(f"checkpoints={c}" for c in input.checkpoints),
+        benchmarks=lambda wc: " ".join(f"benchmarks={b}" for b in BENCHMARKS),
+    log:
+        f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report/report.tsv"
+    shell:
+        "{STAGE} report --config {CONFIG_JSON} {params.evals} {params.ckpts} {params.benchmarks} "
+        "model_dir={MODEL:q} out={R}/report summary_csv=results/summary.csv 2>&1 | tee {log:q}"
