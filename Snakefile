@@ -12,10 +12,20 @@ min_version("9.0")
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 from sds.config import ConfigError, validate_config  # noqa: E402
-from sds.pruners import parse_pattern  # noqa: E402
+from sds.patterns import parse_pattern  # noqa: E402
 
 
-configfile: str(Path(workflow.basedir) / "config" / "config.yaml")
+# Without --configfile the default config applies (with any --config overrides on top). A config given
+# with --configfile stands alone: it is not merged with the default, so e.g. its `reconstruct` settings
+# or `evaluate.datasets` are exactly the ones it names.
+if not workflow.overwrite_configfiles:
+    import yaml
+    from snakemake.utils import update_config
+
+    _default = yaml.safe_load((Path(workflow.basedir) / "config" / "config.yaml").read_text())
+    update_config(_default, dict(config))
+    config.clear()
+    config.update(_default)
 
 
 try:
@@ -57,6 +67,22 @@ def slice_of(*keys):
             node = node[part]
         out[key] = node
     return json.dumps(out, sort_keys=True)
+
+
+def rule_resources(rule_name):
+    """Cluster resources of a heavy rule from config `resources`: its own entry over `default`, key by key.
+    Unset keys (and gpu 0) are left out, so the profile's default-resources and the rule's threads (as
+    --cpus-per-task) apply. Used as `resources: **rule_resources("name")`; see docs/cluster.md."""
+    merged = {**RESOLVED["resources"]["default"], **RESOLVED["resources"].get(rule_name, {})}
+    if not merged.get("gpu"):
+        merged.pop("gpu", None)
+        merged.pop("gpu_model", None)
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+# Cheap rules run inside the Snakemake process even with --executor slurm (a batch job would cost more
+# in queueing than the work itself); every other rule is submitted as a job.
+localrules: all, corpus, calibration, report
 
 
 wildcard_constraints:

@@ -1,4 +1,6 @@
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +45,52 @@ def tiny_llama(layers=2, hidden=32, ffn=64, heads=4, vocab=128, positions=64):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
                       num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=positions)
     return LlamaForCausalLM(cfg).eval()
+
+
+# --- the real workflow -------------------------------------------------------------------------------
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check=True, tracking_uri: str = "") -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run."""
+    m = re.search(r"Job stats:\n(.*?)\n\n", output + "\n\n", re.S)
+    if not m:
+        return set()
+    rules = set()
+    for line in m.group(1).splitlines()[2:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            rules.add(parts[0])
+    return rules
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on a free loopback port (SQLite backend), stopped afterwards."""
+    from sds.mlflow_server import free_port, start, stop
+
+    state = tmp_path_factory.mktemp("mlflow-server")
+    url, _ = start(free_port(), state=state)
+    yield url
+    stop(state)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory, mlflow_server):
+    """The micro workflow, logging over HTTP to the real MLflow server."""
+    work = tmp_path_factory.mktemp("micro")
+    cfg = work / "micro.yaml"
+    cfg.write_text((ROOT / "config" / "micro.yaml").read_text())
+    proc = snakemake(work, "--cores", "2", "--configfile", str(cfg), tracking_uri=mlflow_server)
+    return work, cfg, proc
+
+

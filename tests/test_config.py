@@ -53,6 +53,9 @@ def test_model_folder_without_config_named(tmp_path):
 
 def test_external_model_needs_a_text_source(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):
+        validate_config(base(model={"source": str(tmp_path)}, calibration={"seqlen": 32}, evaluate={"seqlen": 32}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="'calibration.source' = 'builtin' needs model.source 'builtin'"):
         validate_config(base(model={"source": str(tmp_path)}, calibration={"seqlen": 32},
                              evaluate={"seqlen": 32}))

@@ -72,3 +72,36 @@ def test_failed_writes_leave_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(tmp_path / "ok.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["ok.json"]
+
+
+def test_saved_model_folder_is_verified_on_load(tmp_path):
+    from conftest import tiny_opt
+    from sds.io import checksum_folder
+    from sds.model import load_model
+
+    model = tiny_opt()
+    model.save_pretrained(tmp_path)
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    checksum_folder(tmp_path)
+    load_model(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="model.safetensors: checksum mismatch"):
+        load_model(tmp_path)
+
+
+def test_stage_output_root_picks_the_whole_stage_output(tmp_path):
+    from sds.io import stage_output_root
+
+    r = tmp_path / "results" / "run"
+    assert stage_output_root(r / "w/2of4/d/sds/model/model.safetensors") == (r / "w/2of4/d/sds").resolve()
+    assert stage_output_root(r / "activations/dense/layer_000.parquet") == (r / "activations/dense").resolve()
+    assert stage_output_root(r / "w/2of4/prune1/stream/layer_001.parquet") == (r / "w/2of4/prune1").resolve()
+    assert stage_output_root(tmp_path / "results" / "model") is None  # a run named 'model' is not an output
+    assert stage_output_root(tmp_path / "my-model" / "model.safetensors") is None  # user files are never removed

@@ -1,46 +1,10 @@
 """End to end: the real Snakemake workflow on the micro config (about two minutes on 2 cores)."""
 import csv
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
-
-
-def snakemake(workdir: Path, *args: str, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "MLFLOW_TRACKING_URI": ""})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def planned_jobs(output: str) -> set[str]:
-    """Rule names in the 'Job stats' table of a dry run."""
-    m = re.search(r"Job stats:\n(.*?)\n\n", output + "\n\n", re.S)
-    if not m:
-        return set()
-    rules = set()
-    for line in m.group(1).splitlines()[2:]:
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
-            rules.add(parts[0])
-    return rules
-
-
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("micro")
-    cfg = work / "micro.yaml"
-    cfg.write_text((ROOT / "config" / "micro.yaml").read_text())
-    proc = snakemake(work, "--cores", "2", "--configfile", str(cfg))
-    return work, cfg, proc
+from conftest import planned_jobs, snakemake
 
 
 def test_outputs_and_summary(micro_run):
@@ -58,6 +22,10 @@ def test_outputs_and_summary(micro_run):
         assert float(row["sparsity"]) == pytest.approx(expected, abs=1e-9)
     report = (r / "report" / "report.md").read_text()
     assert "| sparsegpt | 2:4 |" in report and "Seconds per stage" in report
+    assert "## Zero-shot accuracy" in report and "| sparsegpt | 2:4 | **mean** |" in report
+    zeroshot = list(csv.DictReader((r / "report" / "zeroshot.csv").open()))
+    assert {z["stage"] for z in zeroshot} == {"dense", "prune1", "prune1+adjust", "sds"}
+    assert {z["task"] for z in zeroshot} == {"sds_agreement", "sds_topic", "sds_count", "mean"}
     # no temporary files left behind by atomic writes
     assert not [p for p in r.rglob("*.tmp")]
 
@@ -82,11 +50,13 @@ def test_rerun_is_a_no_op_and_reconstruct_change_reruns_only_downstream(micro_ru
     snakemake(work, "-n", "--configfile", str(cfg))
 
 
-def test_mlflow_records_parent_and_stage_runs(micro_run):
+def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     work, _, _ = micro_run
-    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
+    assert not (work / "results" / "mlflow.db").exists(), "with MLFLOW_TRACKING_URI set, no local store is used"
+    assert not (work / "results" / "micro" / "mlflow_pending").exists()
+    client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("sds")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sds_role") == "pipeline"]
@@ -101,6 +71,7 @@ def test_mlflow_records_parent_and_stage_runs(micro_run):
     sds_eval = next(r for r in children if r.data.tags["sds_stage"] == "evaluate/sparsegpt/2of4/default/sds")
     assert sds_eval.data.metrics["sparsity"] == pytest.approx(0.5)
     assert sds_eval.data.metrics["ppl.builtin"] > 1
+    assert 0 <= sds_eval.data.metrics["zeroshot.mean.acc"] <= 1
     assert "git_revision" in sds_eval.data.tags
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report.md" in artifacts

@@ -12,9 +12,9 @@ import logging
 import sys
 import warnings
 
-LIST_KEYS = {"evals", "benchmarks", "checkpoints"}
+LIST_KEYS = {"evals", "benchmarks", "checkpoints", "parts"}
 STAGES = ("corpus", "build_model", "calibration", "activations", "prune1", "prune1_adjust", "reconstruct",
-          "prune2", "evaluate", "report")
+          "reconstruct_one_layer", "reconstruct_gather", "prune2", "zeroshot_tasks", "evaluate", "report")
 
 
 def _parse_pairs(pairs: list[str]) -> dict:
@@ -68,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
         getattr(stages, args.stage)(config, **_parse_pairs(args.pairs))
         return 0
-    except (ConfigError, ModelError, DataError, CorruptFileError, NumericalError, FloatingPointError,
-            FileNotFoundError) as exc:
+    except CorruptFileError as exc:
+        from .io import discard_stage_output
+
+        removed = discard_stage_output(exc.path) if exc.path else None
+        note = f" Removed {removed} so that the next `snakemake` run re-creates it." if removed else ""
+        print(f"sds {args.stage}: error: {exc}.{note}", file=sys.stderr)
+        return 1
+    except (ConfigError, ModelError, DataError, NumericalError, FloatingPointError, FileNotFoundError) as exc:
         print(f"sds {args.stage}: error: {exc}", file=sys.stderr)
         return 1
 

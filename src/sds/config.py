@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .pruners import parse_pattern
+from .patterns import parse_pattern
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
@@ -72,7 +72,7 @@ def validate_config(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping of keys to values")
     schema = load_schema()
-    validator = jsonschema.Draft7Validator(schema)
+    validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise ConfigError(_describe(errors[0]))
@@ -123,6 +123,28 @@ def _semantic_checks(config: dict) -> None:
     source = config["calibration"]["source"]
     if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
         raise ConfigError(f"config key 'calibration.source': file {source!r} not found")
+    _check_zeroshot(config["evaluate"]["zeroshot"])
+
+
+def _check_zeroshot(zs: dict) -> None:
+    """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
+    the pipeline), so a missing file is reported before any work starts."""
+    from .zeroshot import BUILTIN_TASKS, TaskDataError, resolve_tasks, task_files
+
+    if not zs["enabled"]:
+        return
+    try:
+        names = resolve_tasks(zs["tasks"])
+    except ValueError as exc:
+        raise ConfigError(f"config key 'evaluate.zeroshot.tasks': {exc}") from None
+    external = [n for n in names if n not in BUILTIN_TASKS]
+    if external and not zs["data_dir"]:
+        raise ConfigError(f"config key 'evaluate.zeroshot.data_dir' is required for the zero-shot tasks "
+                          f"{', '.join(external)} (a folder with <task>/<split>.jsonl files)")
+    try:
+        task_files(external, zs["data_dir"], None)
+    except TaskDataError as exc:
+        raise ConfigError(f"config key 'evaluate.zeroshot.data_dir': {exc}") from None
 
 
 def model_context_length(config: dict) -> int | None:
@@ -136,6 +158,9 @@ def model_context_length(config: dict) -> int | None:
         if not cfg_file.is_file():
             raise ConfigError(f"config key 'model.source': {str(path)!r} has no config.json "
                               "(expected a save_pretrained folder)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+            raise ConfigError(f"config key 'model.source': {str(path)!r} has no *.safetensors weights "
+                              "(only safetensors checkpoints are loaded)")
         cfg = json.loads(cfg_file.read_text())
         return cfg.get("max_position_embeddings")
     if path.is_absolute() or model["source"].startswith("."):
@@ -144,8 +169,10 @@ def model_context_length(config: dict) -> int | None:
 
 
 def config_hash(config: dict) -> str:
-    """Short stable hash of the resolved config (key order independent)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    """Short stable hash of the resolved config (key order independent). `resources` (where and with how
+    much memory a stage runs on a cluster) is left out: tuning it must not start a new MLflow pipeline run."""
+    hashed = {k: v for k, v in config.items() if k != "resources"}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_config_file(path: str | Path) -> dict:

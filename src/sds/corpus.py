@@ -187,3 +187,90 @@ def builtin_splits(n_train_documents: int, n_test_documents: int, seed: int) -> 
         "train": generate_corpus(n_train_documents, seed),
         "test": generate_corpus(n_test_documents, seed + 1_000_003),
     }
+
+
+# --- the embedded default's own zero-shot tasks -----------------------------------------------------------
+# Multiple-choice items drawn from the same grammar, in lm-eval-harness's multiple_choice shape: a
+# `context` (a document's title and opening sentences), `choices` (continuations, each starting with a
+# space) and the index of the right one in `label`. Built from a seed stream disjoint from the corpus's.
+
+CHOICE_TASKS = ("sds_agreement", "sds_topic", "sds_count")
+
+
+def _title(doc: _Document) -> str:
+    return f" = The {doc.topic['adjs'][0].capitalize()} {doc.topic['nouns'][0].capitalize()} of " \
+           f"{doc.people[0].split()[-1]} = "
+
+
+def _context(doc: _Document) -> str:
+    return _title(doc) + "\n" + " ".join(doc.sentence() for _ in range(doc.rng.randint(1, 3)))
+
+
+def _sentence(words: str) -> str:
+    return " " + words[0].upper() + words[1:] + " ."
+
+
+def _agreement_item(doc: _Document) -> dict:
+    """The next sentence (present tense) against the same sentence with the verb's number flipped."""
+    rng = doc.rng
+    context = _context(doc)
+    subj, plural = doc.subject()
+    verb = rng.choice(doc.topic["verbs"])
+    obj, _ = doc.noun_phrase()
+    tail = f" near {rng.choice(doc.topic['places'])}" if rng.random() < 0.3 else ""
+    right, wrong = (verb, _third_person(verb)) if plural else (_third_person(verb), verb)
+    choices = [_sentence(f"{subj} {v} {obj}{tail}") for v in (right, wrong)]
+    label = rng.randrange(2)
+    if label:
+        choices.reverse()
+    return {"context": context, "choices": choices, "label": label}
+
+
+def _topic_item(doc: _Document) -> dict:
+    """A sentence about one of the document's people in its topic's words, against the same sentence in
+    the words of three other topics."""
+    rng = doc.rng
+    context = _context(doc)
+    person = rng.choice(doc.people)
+    past = rng.random() < 0.6
+    plural = rng.random() < 0.35
+    adj_i, noun_i, verb_i, place_i = (rng.randrange(10), rng.randrange(20), rng.randrange(10), rng.randrange(5))
+    with_place = rng.random() < 0.5
+    others = rng.sample([t for t in sorted(TOPICS) if t != doc.topic_name], 3)
+
+    def words(topic: dict) -> str:
+        verb = topic["verbs"][verb_i]
+        noun = topic["nouns"][noun_i]
+        obj = f"the {topic['adjs'][adj_i]} {_plural(noun) if plural else noun}"
+        tail = f" near {topic['places'][place_i]}" if with_place else ""
+        return _sentence(f"{person} {_past(verb) if past else _third_person(verb)} {obj}{tail}")
+
+    choices = [words(doc.topic)] + [words(TOPICS[t]) for t in others]
+    order = list(range(4))
+    rng.shuffle(order)
+    return {"context": context, "choices": [choices[i] for i in order], "label": order.index(0)}
+
+
+def _count_item(doc: _Document) -> dict:
+    """A list announced with its length ("There were three things at ... :") completed with 2, 3 or 4
+    items: the long-range structure of the corpus's list sentences."""
+    rng = doc.rng
+    n = rng.randint(2, 4)
+    items = [_plural(x) for x in rng.sample(doc.topic["nouns"], 4)]
+    context = _context(doc) + f" There were {NUMBERS[n - 2]} things at {rng.choice(doc.topic['places'])} :"
+    choices = [" " + " , ".join(items[:k - 1]) + " and " + items[k - 1] + " ." for k in (2, 3, 4)]
+    return {"context": context, "choices": choices, "label": n - 2}
+
+
+def choice_items(task: str, n_items: int, seed: int) -> list[dict]:
+    """`n_items` multiple-choice items of one built-in task (see CHOICE_TASKS); deterministic in the seed.
+
+    sds_agreement: subject–verb number agreement (2 choices, chance 1/2).
+    sds_topic: the continuation that keeps the document's topic (4 choices, chance 1/4).
+    sds_count: the list whose length matches the announced number (3 choices, chance 1/3).
+    """
+    make = {"sds_agreement": _agreement_item, "sds_topic": _topic_item, "sds_count": _count_item}.get(task)
+    if make is None:
+        raise ValueError(f"unknown built-in task {task!r}; expected one of {', '.join(CHOICE_TASKS)}")
+    rng = random.Random(f"{task}:{seed}")
+    return [make(_Document(rng)) for _ in range(n_items)]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .model import decoder_layers, find_linears
-from .pruners import Pattern
+from .patterns import Pattern
 
 
 @torch.no_grad()

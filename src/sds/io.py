@@ -20,8 +20,52 @@ import torch
 class CorruptFileError(RuntimeError):
     """A stage input that is missing, truncated or altered; the message says how to re-create it."""
 
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = Path(path) if path is not None else (Path(message.split(":", 1)[0]) if ":" in message else None)
+
+
+# Names of the outputs stages write under results/<run>/ (files or folders). A corrupt file inside one
+# means that whole output must be re-created.
+STAGE_OUTPUT_NAMES = {"corpus", "model", "calibration.parquet", "dense", "prune1", "prune1_adjust", "reconstruct",
+                      "sds", "tasks"}
+
+
+def stage_output_root(path: str | Path) -> Path | None:
+    """The stage output (under a results/ folder) that contains `path`, or None (e.g. a user's model)."""
+    path = Path(path).resolve()
+    found = None
+    for candidate in (path, *path.parents):
+        # below results/<run>/ only; the outermost match wins (sds/model/x → sds)
+        if candidate.name in STAGE_OUTPUT_NAMES and "results" in candidate.parts[:-2]:
+            found = candidate
+    return found
+
+
+def discard_stage_output(path: str | Path) -> Path | None:
+    """Deletes the stage output holding a corrupt file so that the next Snakemake run re-creates it."""
+    root = stage_output_root(path)
+    if root is None or not root.exists():
+        return None
+    if root.is_dir():
+        shutil.rmtree(root)
+    else:
+        root.unlink()
+        Path(str(root) + ".sha256").unlink(missing_ok=True)
+    return root
+
 
 HOW_TO_RECREATE = "delete it and re-run snakemake, which re-creates it"
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Removes `.NAME.*.tmp` leftovers of an earlier write of `path` that was killed (SIGKILL skips
+    every cleanup). Snakemake never runs two jobs writing the same output, so none is in use."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -29,6 +73,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -45,6 +90,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like atomic_path for a directory: built under a temporary name, renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -79,6 +125,19 @@ def verify_checksum(path: str | Path) -> None:
         raise CorruptFileError(f"{path}: no checksum file {sidecar.name} beside it; {HOW_TO_RECREATE}")
     if sidecar.read_text().strip() != sha256_file(path):
         raise CorruptFileError(f"{path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
+
+
+def checksum_folder(folder: str | Path) -> None:
+    """Records SHA-256 sidecars for every safetensors file of a save_pretrained folder."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        _write_checksum(f)
+
+
+def verify_folder(folder: str | Path) -> None:
+    """Verifies the safetensors files of a folder that has sidecars (folders we wrote); others pass."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if f.with_name(f.name + ".sha256").is_file():
+            verify_checksum(f)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -30,6 +30,9 @@ def load_model(source: str | Path, *, dtype: str = "float32", trust_remote_code:
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
             raise ModelError(f"model path {str(source)!r} has no *.safetensors weights "
                              "(only safetensors checkpoints are loaded)")
+        from .io import verify_folder
+
+        verify_folder(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True)

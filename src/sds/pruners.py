@@ -9,65 +9,11 @@ Conventions (shared by every pruner):
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
+from .patterns import Pattern, parse_pattern, pattern_from_slug  # noqa: F401  (re-exported)
+
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    kind: str  # "unstructured" or "nm"
-    ratio: float = 0.0  # unstructured: fraction removed
-    n: int = 0  # nm: kept per group
-    m: int = 0  # nm: group size
-
-    @property
-    def sparsity(self) -> float:
-        return self.ratio if self.kind == "unstructured" else 1.0 - self.n / self.m
-
-    @property
-    def slug(self) -> str:
-        """A path-safe name, used in output paths (`2of4`, `unstructured50`)."""
-        if self.kind == "nm":
-            return f"{self.n}of{self.m}"
-        return f"unstructured{self.ratio * 100:g}".replace(".", "p")
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else f"unstructured:{self.ratio:g}"
-
-
-_NM = re.compile(r"^(\d+):(\d+)$")
-_UNSTRUCTURED = re.compile(r"^unstructured:([0-9.]+)$")
-
-
-def parse_pattern(text: str) -> Pattern:
-    """Parses `N:M` or `unstructured:<ratio>`; raises ValueError saying what was expected."""
-    text = str(text).strip()
-    if m := _NM.match(text):
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not 0 < n < mm:
-            raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M (N weights kept per group of M)")
-        return Pattern("nm", n=n, m=mm)
-    if m := _UNSTRUCTURED.match(text):
-        try:
-            ratio = float(m.group(1))
-        except ValueError:
-            ratio = -1.0
-        if not 0.0 < ratio < 1.0:
-            raise ValueError(f"pattern {text!r}: unstructured ratio must be in (0, 1), the fraction removed")
-        return Pattern("unstructured", ratio=ratio)
-    raise ValueError(f"pattern {text!r}: expected 'N:M' (e.g. 2:4) or 'unstructured:<ratio>' (e.g. unstructured:0.5)")
-
-
-def pattern_from_slug(slug: str) -> Pattern:
-    if m := re.fullmatch(r"(\d+)of(\d+)", slug):
-        return parse_pattern(f"{m.group(1)}:{m.group(2)}")
-    if m := re.fullmatch(r"unstructured([0-9p]+)", slug):
-        return parse_pattern(f"unstructured:{float(m.group(1).replace('p', '.')) / 100:g}")
-    raise ValueError(f"not a pattern slug: {slug!r}")
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ from pathlib import Path
 from .io import atomic_path, read_json, write_text
 
 SUMMARY_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "dataset", "ppl", "sparsity"]
+# Zero-shot results go to their own CSVs (report/zeroshot.csv, results/zeroshot_summary.csv) so that the
+# columns of table.csv / summary.csv stay as they are. task "mean" is the mean over the run's tasks.
+ZEROSHOT_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "task", "acc", "acc_stderr", "acc_norm",
+                    "acc_norm_stderr", "n"]
 STAGE_ORDER = {"dense": 0, "prune1": 1, "prune1+adjust": 2, "sds": 3}
 
 
@@ -35,14 +39,14 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _merge_summary(path: Path, run: str, rows: list[dict]) -> None:
+def _merge_summary(path: Path, run: str, rows: list[dict], columns: list[str] = SUMMARY_COLUMNS) -> None:
     """results/summary.csv keeps one row per evaluated checkpoint of every run; this run's rows replace
     its previous ones."""
     kept = []
     if path.is_file():
         kept = [r for r in csv.DictReader(path.open()) if r.get("run") != run]
     with atomic_path(path) as tmp:
-        tmp.write_text(_csv_text(kept + rows, SUMMARY_COLUMNS))
+        tmp.write_text(_csv_text(kept + rows, columns))
 
 
 def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Path, summary_csv: Path,
@@ -85,6 +89,11 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
                              f"{sds['recon'] if sds else '–'} | {delta} | {sds['sparsity']:.4f} |" if sds else
                              f"| {method} | {pattern} | {f(first)} | {f(adj)} | – | – | – | – |")
         lines.append("")
+    zs_rows = _zeroshot_rows(config, model, results)
+    with atomic_path(out / "zeroshot.csv") as tmp:
+        tmp.write_text(_csv_text(zs_rows, ZEROSHOT_COLUMNS))
+    _merge_summary(summary_csv.with_name("zeroshot_summary.csv"), config["run"], zs_rows, ZEROSHOT_COLUMNS)
+    lines += _zeroshot_section(results)
     lines += ["## Seconds per stage (Snakemake benchmark wall time)", "", "| stage | job | seconds |", "|---|---|---|"]
     for key in sorted(seconds):
         stage, job = key.split("/", 1)
@@ -96,7 +105,66 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     write_text(out / "seconds.json", json.dumps(seconds, indent=2, sort_keys=True) + "\n")
-    return [str(out / "report.md"), str(table_csv), *plots]
+    return [str(out / "report.md"), str(table_csv), str(out / "zeroshot.csv"), *plots]
+
+
+def _zeroshot_metrics(r: dict, task: str) -> dict:
+    zs = r.get("zeroshot") or {}
+    return zs.get("mean", {}) if task == "mean" else zs.get("tasks", {}).get(task, {})
+
+
+def _zeroshot_rows(config: dict, model: str, results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if not r.get("zeroshot"):
+            continue
+        for task in [*r["zeroshot"]["tasks"], "mean"]:
+            m = _zeroshot_metrics(r, task)
+            rows.append({"run": config["run"], "model": model, "method": r["method"] or "-",
+                         "pattern": r["pattern"] or "-", "stage": r["stage"], "recon": r["recon"] or "-",
+                         "task": task, "n": m.get("n", ""),
+                         **{k: "" if m.get(k) is None else f"{m[k]:.4f}"
+                            for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}})
+    return rows
+
+
+def _zeroshot_section(results: list[dict]) -> list[str]:
+    """Accuracy per task and the mean: dense, one-shot, one-shot + adjust and SDS side by side."""
+    scored = [r for r in results if r.get("zeroshot")]
+    if not scored:
+        return []
+    tasks = list(scored[0]["zeroshot"]["tasks"])
+    dense = next((r for r in scored if r["stage"] == "dense"), None)
+
+    def cell(r, task, metric="acc"):
+        m = _zeroshot_metrics(r, task) if r else {}
+        if m.get(metric) is None:
+            return "–"
+        return f"{m[metric]:.3f} ± {m[f'{metric}_stderr']:.3f}" if m.get(f"{metric}_stderr") is not None \
+            else f"{m[metric]:.3f}"
+
+    def delta(a, b, task, metric="acc"):
+        x, y = (_zeroshot_metrics(r, task).get(metric) if r else None for r in (a, b))
+        return f"{x - y:+.3f}" if x is not None and y is not None else "–"
+
+    rows = [(task, "acc") for task in tasks] + [("**mean**", "acc"), ("**mean** (acc_norm)", "acc_norm")]
+    lines = ["## Zero-shot accuracy (lm-eval-harness)", "",
+             f"acc ± stderr per task ({', '.join(f'`{t}`' for t in tasks)}) and the mean over tasks; the mean "
+             "(acc_norm) row takes acc_norm where a task defines it, else acc. All metrics: `zeroshot.csv`.", "",
+             "| method | pattern | task | dense | one-shot | one-shot + adjust | SDS | recon | SDS − one-shot |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["method"], r["pattern"]) for r in scored if r["method"]}) or [("-", "-")]
+    for method, pattern in keys:
+        group = [r for r in scored if (r["method"], r["pattern"]) == (method, pattern)]
+        first = next((r for r in group if r["stage"] == "prune1"), None)
+        adj = next((r for r in group if r["stage"] == "prune1+adjust"), None)
+        for sds in [r for r in group if r["stage"] == "sds"] or [None]:
+            for label, metric in rows:
+                task = "mean" if label.startswith("**mean**") else label
+                lines.append(f"| {method} | {pattern} | {label} | {cell(dense, task, metric)} | "
+                             f"{cell(first, task, metric)} | {cell(adj, task, metric)} | {cell(sds, task, metric)} | "
+                             f"{sds['recon'] if sds else '–'} | {delta(sds, first, task, metric)} |")
+    return lines + [""]
 
 
 def _plots(config, results, datasets, out: Path, model_dir: str, checkpoints: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 
 from . import __version__
 from .config import config_hash
-from .io import (ParquetTensorWriter, atomic_dir, iter_parquet_tensors, load_tensors, read_json, save_tensors,
-                 write_json, write_text)
+from .io import (ParquetTensorWriter, atomic_dir, checksum_folder, iter_parquet_tensors, load_tensors, read_json,
+                 save_tensors, write_json, write_text)
 from .model import (apply_weights, clone_layer, decoder_layers, decoder_layers_prefix, find_linears,
                     layer_kwargs, load_model, run_layer)
 from .layerwise import check_finite, collect_stats, propagate, update_layer
@@ -30,6 +31,16 @@ log = logging.getLogger("sds")
 
 # --- shared helpers ----------------------------------------------------------------------------------
 
+def _fault_injection(what: str, done: int) -> None:
+    """Test hook: SDS_FAULT_KILL="<stage word>:<n>" SIGKILLs this process after step n of that stage, to
+    prove that a killed stage leaves no partial output and that a re-run gives identical results."""
+    spec = os.environ.get("SDS_FAULT_KILL")
+    if spec:
+        word, _, n = spec.partition(":")
+        if what.startswith(word) and done == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Progress:
     """Logs 'what i/n · elapsed · ETA' lines (to the terminal and the rule's log via stderr)."""
 
@@ -37,6 +48,7 @@ class Progress:
         self.what, self.total, self.start = what, total, time.monotonic()
 
     def __call__(self, done: int, total: int | None = None, extra: str = "") -> None:
+        _fault_injection(self.what, done)
         total = total or self.total
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (total - done) if done else float("nan")
@@ -140,6 +152,7 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
                      batch_size=b["batch_size"], seqlen=b["seqlen"], lr=b["lr"], seed=config["seed"],
                      progress=lambda s, n, loss, _e: progress(s, n, f"loss {loss:.3f}") if s % 250 == 0 else None)
         info["seconds"] = time.monotonic() - start
+        checksum_folder(tmp)
         write_json(tmp / "build.json", info)
     log.info("model built in %.1fs: %d parameters, final train loss %.3f", info["seconds"], info["parameters"],
              info["final_train_loss"])
@@ -332,7 +345,7 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     run_adjust = _adjust_fn(config, None)
 
     def update(i, name, W, W_dense, stats):
-        mask = masks[name].bool()
+        mask = masks[name].to(W.device).bool()
         new_W = run_adjust(W_dense, stats, mask, W)
         return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
                              "rel_error_before": relative_error(W, W_dense, stats)}
@@ -371,7 +384,7 @@ def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, f
 
     def update(n, _W, stats):
         full = names[n]
-        W1, mask1 = first_weights[full].float(), first_masks[full].bool()
+        W1, mask1 = first_weights[full].to(device).float(), first_masks[full].to(device).bool()
         omega = torch.where(mask1, torch.ones_like(W1), torch.full_like(W1, settings["l1_pruned_weight"]))
         W = fista(W1, dense_weights[n], stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
                   l1_weights=omega)
@@ -383,7 +396,8 @@ def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, f
     return {names[n]: v for n, v in infos.items()}
 
 
-def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, out: str) -> None:
+def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers: list[int] | None):
+    """Reconstructs the given decoder layers (all when None); returns (model, per-linear infos)."""
     device = setup(config)
     settings = config["reconstruct"][recon]
     model, _ = _model(config, model_dir, device)
@@ -391,18 +405,56 @@ def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, r
     kwargs = layer_kwargs(model, manifest["seqlen"])
     first = load_tensors(Path(prune1_dir) / "weights.safetensors")
     masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
-    layers = decoder_layers(model)
-    progress = Progress(f"reconstruct {recon} layer", len(layers))
-    start = time.monotonic()
+    n_layers = len(decoder_layers(model))
+    todo = list(range(n_layers)) if layers is None else layers
+    for i in todo:
+        if not 0 <= i < n_layers:
+            raise ValueError(f"layer {i} does not exist: the model has {n_layers} decoder layers")
+    progress = Progress(f"reconstruct {recon} layer", len(todo))
     infos = {}
-    for i in range(len(layers)):
+    for done, i in enumerate(todo, 1):
         infos.update(reconstruct_layer(model, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir,
                                        first_weights=first, first_masks=masks, kwargs=kwargs))
-        progress(i + 1)
+        progress(done, extra=f"decoder layer {i}")
+    return model, infos
+
+
+def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, out: str) -> None:
+    """Dense reconstruction of every decoder layer in one job."""
+    start = time.monotonic()
+    model, infos = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, None)
     with atomic_dir(out) as tmp:
-        _save_checkpoint(tmp, infos, model, {"settings": settings})
-    _track(config, f"reconstruct/{recon}", params=settings,
+        _save_checkpoint(tmp, infos, model, {"settings": config["reconstruct"][recon]})
+    _track(config, f"reconstruct/{recon}", params=config["reconstruct"][recon],
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+
+
+def reconstruct_one_layer(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, layer: str,
+                          out: str) -> None:
+    """Layer-parallel mode: reconstructs decoder layer `layer` only (its own job); `out` is a folder with
+    that layer's weights.safetensors and layers.json, merged by `reconstruct_gather`."""
+    i = int(layer)
+    start = time.monotonic()
+    model, infos = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, [i])
+    names = _layer_weight_names(model, i).values()
+    params = dict(model.named_parameters())
+    with atomic_dir(out) as tmp:
+        save_tensors(tmp / "weights.safetensors", {n: params[n].detach() for n in names})
+        write_json(tmp / "layers.json", {"linears": infos, "layer": i, "seconds": time.monotonic() - start})
+
+
+def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> None:
+    """Merges per-layer reconstruction outputs into the same checkpoint layout `reconstruct` writes."""
+    weights, infos = {}, {}
+    for part in parts:
+        weights.update(load_tensors(Path(part) / "weights.safetensors"))
+        infos.update(read_json(Path(part) / "layers.json")["linears"])
+    with atomic_dir(out) as tmp:
+        save_tensors(tmp / "weights.safetensors", weights)
+        write_json(tmp / "layers.json", {"linears": infos, "settings": config["reconstruct"][recon],
+                                         "layer_parallel": True, "parts": len(parts)})
+    _track(config, f"reconstruct/{recon}", params={**config["reconstruct"][recon], "layer_parallel": True},
+           metrics=_layer_metrics(infos))
 
 
 # --- 6. second prune ---------------------------------------------------------------------------------------
@@ -427,10 +479,10 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
         info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
                 "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
         if p2["fallback"]:
-            first_err = relative_error(first[name], W_dense, stats)
+            first_err = relative_error(first[name].to(W_dense.device), W_dense, stats)
             info["rel_error_prune1"] = first_err
             if first_err < info["rel_error"]:
-                new_W, mask = first[name].float(), first_masks[name].bool()
+                new_W, mask = first[name].to(W_dense.device).float(), first_masks[name].to(W_dense.device).bool()
                 info.update(rel_error=first_err, fallback=True)
         return new_W, mask, info
 
@@ -444,6 +496,7 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
                                                        "fallbacks": fallbacks})
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
+        checksum_folder(tmp / "model")
         write_text(tmp / "model" / "README.md", model_card(config, method, pat, model, summary))
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
@@ -479,12 +532,36 @@ Weights are dense safetensors with exact zeros; load with `AutoModelForCausalLM.
 
 # --- 7. evaluation and report ------------------------------------------------------------------------------
 
+def zeroshot_tasks(config: dict, out: str) -> None:
+    """Writes the embedded default's own multiple-choice tasks, generated from the corpus grammar, as
+    <task>/test.jsonl: the local data files that the built-in task YAMLs (sds/tasks/) read."""
+    import json
+
+    from .corpus import CHOICE_TASKS, choice_items
+
+    n = config["evaluate"]["zeroshot"]["builtin_items"]
+    with atomic_dir(out) as tmp:
+        for task in CHOICE_TASKS:
+            (tmp / task).mkdir()
+            items = choice_items(task, n, config["seed"])
+            write_text(tmp / task / "test.jsonl", "".join(json.dumps(r) + "\n" for r in items))
+    log.info("zero-shot tasks: %d items each of %s", n, ", ".join(CHOICE_TASKS))  # no MLflow record: n is in each evaluation
+
+
 def evaluate(config: dict, model_dir: str, corpus_dir: str | None, out: str, weights: str | None = None,
-             stage: str = "dense", method: str = "", pattern: str = "", recon: str = "") -> None:
-    """Perplexity on every configured dataset and the achieved sparsity of one checkpoint."""
+             stage: str = "dense", method: str = "", pattern: str = "", recon: str = "",
+             tasks_dir: str | None = None) -> None:
+    """Perplexity on every configured dataset, zero-shot accuracy (lm-eval-harness) and the achieved
+    sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
     from .data import perplexity_windows, read_text_source, tokenize
     from .evaluate import measured_sparsity, pattern_violations, perplexity
 
+    zs = config["evaluate"]["zeroshot"]
+    zs_files = None
+    if zs["enabled"]:  # every task's data file is checked before the evaluation starts
+        from .zeroshot import resolve_tasks, task_files
+
+        zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
     device = setup(config)
     model, tokenizer = _model(config, model_dir, device)
     if weights:
@@ -503,6 +580,19 @@ def evaluate(config: dict, model_dir: str, corpus_dir: str | None, out: str, wei
         result["windows"][name] = windows.shape[0]
         log.info("%s: perplexity on %s = %.4f (%d windows of %d)", label, name, result["ppl"][name],
                  windows.shape[0], ev["seqlen"])
+    zs_metrics = {}
+    if zs_files:
+        from .zeroshot import evaluate_zeroshot, flat_metrics
+
+        zs_start = time.monotonic()
+        result["zeroshot"] = evaluate_zeroshot(model, tokenizer, zs_files, batch_size=zs["batch_size"],
+                                               limit=zs["limit"], bootstrap_iters=zs["bootstrap_iters"],
+                                               seed=config["seed"])
+        result["zeroshot"]["seconds"] = time.monotonic() - zs_start
+        zs_metrics = flat_metrics(result["zeroshot"])
+        log.info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label,
+                 result["zeroshot"]["mean"].get("acc", float("nan")), ", ".join(zs_files),
+                 result["zeroshot"]["seconds"])
     sp = measured_sparsity(model)
     result["sparsity"], result["sparsity_per_layer"] = sp["overall"], sp["per_layer"]
     if pattern:
@@ -511,7 +601,7 @@ def evaluate(config: dict, model_dir: str, corpus_dir: str | None, out: str, wei
     write_json(out, result)
     _track(config, f"evaluate/{label}", params={"label": label},
            metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],
-                    "seconds": result["seconds"]})
+                    "seconds": result["seconds"], **zs_metrics})
 
 
 def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,

@@ -10,6 +10,8 @@ rule activations:
     params:
         deps=slice_of("threads", "device", "model.dtype", "activations"),
     threads: THREADS
+    resources:
+        **rule_resources("activations"),
     log:
         f"{R}/logs/activations.log",
     benchmark:

@@ -21,6 +21,8 @@ rule build_model:
     params:
         deps=slice_of("seed", "model.builtin"),
     threads: RESOLVED["model"]["builtin"]["threads"]
+    resources:
+        **rule_resources("build_model"),
     log:
         f"{R}/logs/build_model.log",
     benchmark:

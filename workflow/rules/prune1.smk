@@ -10,6 +10,8 @@ rule prune1:
     params:
         deps=slice_of("threads", "device", "model.dtype", "activations", "prune.blocksize", "prune.percdamp"),
     threads: THREADS
+    resources:
+        **rule_resources("prune1"),
     log:
         f"{R}/logs/prune1/{{method}}_{{pattern}}.log",
     benchmark:
@@ -32,6 +34,8 @@ rule prune1_adjust:
         deps=slice_of("threads", "device", "model.dtype", "prune2.adjust", "prune2.adjust_steps",
                       "prune2.adjust_target", "prune2.percdamp"),
     threads: THREADS
+    resources:
+        **rule_resources("prune1_adjust"),
     log:
         f"{R}/logs/prune1_adjust/{{method}}_{{pattern}}.log",
     benchmark:

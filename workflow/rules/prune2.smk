@@ -12,6 +12,8 @@ rule prune2:
     params:
         deps=slice_of("threads", "device", "model.dtype", "prune.blocksize", "prune.percdamp", "prune2"),
     threads: THREADS
+    resources:
+        **rule_resources("prune2"),
     log:
         f"{R}/logs/prune2/{{method}}_{{pattern}}_{{recon}}.log",
     benchmark:

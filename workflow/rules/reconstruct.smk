@@ -1,20 +1,81 @@
 # Dense reconstruction: pruned weights re-activated, each linear re-fitted with a sparse regulariser.
+# Every layer reads only the caches, so with `layer_parallel: true` each decoder layer is its own job
+# ({layer} wildcard) and a gather rule merges them into the same checkpoint layout.
 
-rule reconstruct:
-    input:
-        model=MODEL if BUILTIN else [],
-        dense=f"{R}/activations/dense",
-        prune1=f"{R}/{{method}}/{{pattern}}/prune1",
-    output:
-        directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct"),
-    params:
-        deps=lambda wc: json.dumps({"settings": RESOLVED["reconstruct"][wc.recon], "threads": THREADS,
-                                    "dtype": RESOLVED["model"]["dtype"]}, sort_keys=True),
-    threads: THREADS
-    log:
-        f"{R}/logs/reconstruct/{{method}}_{{pattern}}_{{recon}}.log",
-    benchmark:
-        f"{R}/benchmarks/reconstruct/{{method}}_{{pattern}}_{{recon}}.tsv"
-    shell:
-        "{STAGE} reconstruct --config {CONFIG_JSON} model_dir={MODEL:q} dense_dir={input.dense:q} "
-        "prune1_dir={input.prune1:q} recon={wildcards.recon} out={output:q} 2>&1 | tee {log:q}"
+RECON_DEPS = lambda wc: json.dumps({"settings": RESOLVED["reconstruct"][wc.recon], "threads": THREADS,
+                                    "dtype": RESOLVED["model"]["dtype"]}, sort_keys=True)
+
+
+def n_decoder_layers():
+    if BUILTIN:
+        return RESOLVED["model"]["builtin"]["layers"]
+    cfg = Path(RESOLVED["model"]["source"]) / "config.json"
+    if not cfg.is_file():
+        from snakemake.exceptions import WorkflowError
+
+        raise WorkflowError("layer_parallel needs a local model folder (its config.json gives the layer count)")
+    return json.loads(cfg.read_text())["num_hidden_layers"]
+
+
+if not RESOLVED["layer_parallel"]:
+
+  rule reconstruct:
+      input:
+          model=MODEL if BUILTIN else [],
+          dense=f"{R}/activations/dense",
+          prune1=f"{R}/{{method}}/{{pattern}}/prune1",
+      output:
+          directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct"),
+      params:
+          deps=RECON_DEPS,
+      threads: THREADS
+      resources:
+          **rule_resources("reconstruct"),
+      log:
+          f"{R}/logs/reconstruct/{{method}}_{{pattern}}_{{recon}}.log",
+      benchmark:
+          f"{R}/benchmarks/reconstruct/{{method}}_{{pattern}}_{{recon}}.tsv"
+      shell:
+          "{STAGE} reconstruct --config {CONFIG_JSON} model_dir={MODEL:q} dense_dir={input.dense:q} "
+          "prune1_dir={input.prune1:q} recon={wildcards.recon} out={output:q} 2>&1 | tee {log:q}"
+
+else:
+
+  rule reconstruct_layer:
+      input:
+          model=MODEL if BUILTIN else [],
+          dense=f"{R}/activations/dense",
+          prune1=f"{R}/{{method}}/{{pattern}}/prune1",
+      output:
+          directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct_layers/{{layer}}"),
+      wildcard_constraints:
+          layer=r"\d+",
+      params:
+          deps=RECON_DEPS,
+      threads: THREADS
+      resources:
+          **rule_resources("reconstruct"),
+      log:
+          f"{R}/logs/reconstruct/{{method}}_{{pattern}}_{{recon}}_layer{{layer}}.log",
+      benchmark:
+          f"{R}/benchmarks/reconstruct_layer/{{method}}_{{pattern}}_{{recon}}_{{layer}}.tsv"
+      shell:
+          "{STAGE} reconstruct_one_layer --config {CONFIG_JSON} model_dir={MODEL:q} dense_dir={input.dense:q} "
+          "prune1_dir={input.prune1:q} recon={wildcards.recon} layer={wildcards.layer} out={output:q} "
+          "2>&1 | tee {log:q}"
+
+  rule reconstruct_gather:
+      input:
+          parts=lambda wc: [f"{R}/{wc.method}/{wc.pattern}/{wc.recon}/reconstruct_layers/{i}"
+                            for i in range(n_decoder_layers())],
+      output:
+          directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct"),
+      params:
+          parts=lambda wc, input: " ".join(f"parts={p}" for p in input.parts),
+      log:
+          f"{R}/logs/reconstruct/{{method}}_{{pattern}}_{{recon}}_gather.log",
+      benchmark:
+          f"{R}/benchmarks/reconstruct/{{method}}_{{pattern}}_{{recon}}.tsv"
+      shell:
+          "{STAGE} reconstruct_gather --config {CONFIG_JSON} recon={wildcards.recon} {params.parts} out={output:q} "
+          "2>&1 | tee {log:q}"

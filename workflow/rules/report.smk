@@ -14,6 +14,7 @@ BENCHMARKS += [f"{_B}/{s}/{m}_{p}_{r}.tsv" for s in ("reconstruct", "prune2") fo
 BENCHMARKS += [f"{_B}/evaluate/dense.tsv"] + [f"{_B}/evaluate/{m}_{p}_{s}.tsv" for m in METHODS for p in PATTERNS
                                               for s in ("prune1", "prune1_adjust")]
 BENCHMARKS += [f"{_B}/evaluate/{m}_{p}_{r}_sds.tsv" for m in METHODS for p in PATTERNS for r in RECONS]
+BENCHMARKS += [f"{_B}/zeroshot_tasks/zeroshot_tasks.tsv"] if ZS_TASKS else []
 
 
 rule report:
@@ -23,6 +24,7 @@ rule report:
     output:
         report=f"{R}/report/report.md",
         table=f"{R}/report/table.csv",
+        zeroshot=f"{R}/report/zeroshot.csv",
     params:
         deps=slice_of("report", "evaluate.datasets"),
         evals=lambda wc, input: " ".join(f"evals={e}" for e in input.evals),

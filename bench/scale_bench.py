@@ -1,0 +1,157 @@
+"""Benchmark at real shapes: every stage on a random-weight model of a real architecture's shape.
+
+    .venv/bin/python bench/scale_bench.py --shape opt-125m --nsamples 128 --seqlen 2048      # the issue's target
+    .venv/bin/python bench/scale_bench.py --shape opt-125m --layers 2 --nsamples 8 --seqlen 512   # quick
+    .venv/bin/python bench/scale_bench.py --curve          # small cost-curve table (nsamples, seqlen, hidden, depth)
+
+Speed and memory do not depend on whether weights are pretrained, so a random model of the real shape
+(OPTConfig of facebook/opt-125m; a 2-layer slice of a LLaMA-7B shape) measures them. Each stage runs as
+its own process, exactly as Snakemake runs it; the table gives wall seconds, peak RSS and bytes written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SHAPES = {
+    "opt-125m": dict(arch="opt", layers=12, hidden=768, ffn=3072, heads=12, vocab=50272, positions=2048),
+    "llama-7b-slice": dict(arch="llama", layers=2, hidden=4096, ffn=11008, heads=32, vocab=32000, positions=4096),
+}
+
+RUNNER = ("import resource, sys; from sds.cli import main; rc = main(sys.argv[1:]); "
+          "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+
+
+def make_model(folder: Path, shape: dict, seed: int = 0) -> None:
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    if shape["arch"] == "opt":
+        cfg = OPTConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                        ffn_dim=shape["ffn"], num_attention_heads=shape["heads"],
+                        max_position_embeddings=shape["positions"], word_embed_proj_dim=shape["hidden"])
+        model = OPTForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+                          intermediate_size=shape["ffn"], num_attention_heads=shape["heads"],
+                          max_position_embeddings=shape["positions"])
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(shape["vocab"])}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
+                                  eos_token="t1", pad_token="t1")
+    tok.save_pretrained(folder)
+
+
+def make_text(path: Path, tokens: int, vocab: int, seed: int = 0) -> None:
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"t{rng.randrange(2, vocab)}" for _ in range(tokens)))
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def stage(config: Path, name: str, out: Path, **kw) -> dict:
+    args = [sys.executable, "-c", RUNNER, name, "--config", str(config),
+            *[f"{k}={v}" for k, v in kw.items()], f"out={out}"]
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"),
+                                                                    "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    seconds = time.monotonic() - start
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rss = next(int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB"))
+    return {"stage": name, "seconds": seconds, "peak_rss_mib": rss / 1024, "bytes_written": du(out)}
+
+
+def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: str, work: Path,
+                 sds: bool = True) -> list[dict]:
+    from sds.config import validate_config
+
+    work.mkdir(parents=True, exist_ok=True)
+    model, text = work / "model", work / "calib.txt"
+    if not model.exists():
+        make_model(model, shape)
+    make_text(text, nsamples * seqlen * 2 + 10, shape["vocab"])
+    cfg = validate_config({"run": "bench", "threads": 2, "model": {"source": str(model)},
+                           "calibration": {"source": str(text), "nsamples": nsamples, "seqlen": seqlen},
+                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": seqlen, "max_windows": 4},
+                           "prune": {"methods": [method], "patterns": [pattern]}, "mlflow": {"enabled": False}})
+    cfg_path = work / "config.json"
+    cfg_path.write_text(json.dumps(cfg))
+    from sds.pruners import parse_pattern
+
+    slug = parse_pattern(pattern).slug
+    rows = [stage(cfg_path, "calibration", work / "calibration.parquet", model_dir=model, corpus_dir="")]
+    common = dict(model_dir=model, calibration_file=work / "calibration.parquet")
+    rows.append(stage(cfg_path, "activations", work / "dense", **common))
+    p1 = work / method / slug / "prune1"
+    rows.append(stage(cfg_path, "prune1", p1, dense_dir=work / "dense", method=method, pattern=slug, **common))
+    if sds:
+        rec = work / method / slug / "default" / "reconstruct"
+        rows.append(stage(cfg_path, "reconstruct", rec, model_dir=model, dense_dir=work / "dense", prune1_dir=p1,
+                          recon="default"))
+        rows.append(stage(cfg_path, "prune2", work / method / slug / "default" / "sds", dense_dir=work / "dense",
+                          prune1_dir=p1, reconstruct_dir=rec, method=method, pattern=slug, **common))
+    return rows
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'stage':14s} {'seconds':>9s} {'peak RSS MiB':>13s} {'MiB written':>12s}")
+    for r in rows:
+        print(f"{r['stage']:14s} {r['seconds']:9.1f} {r['peak_rss_mib']:13.0f} {r['bytes_written'] / 2**20:12.1f}")
+    print(f"{'total':14s} {sum(r['seconds'] for r in rows):9.1f} {max(r['peak_rss_mib'] for r in rows):13.0f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="opt-125m")
+    ap.add_argument("--layers", type=int, help="override the depth (e.g. 6 vs 12 for the memory check)")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--method", default="sparsegpt")
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--curve", action="store_true", help="cost-curve table on small shapes")
+    ap.add_argument("--workdir")
+    args = ap.parse_args()
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="sds-scale-"))
+    if args.curve:
+        print("cost curve (sparsegpt 2:4, SDS stages; seconds = sum of prune1+reconstruct+prune2)")
+        print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'seconds':>8s} {'peak MiB':>9s}")
+        for hidden, layers, n, s in [(256, 2, 4, 256), (256, 2, 8, 256), (256, 2, 4, 512), (512, 2, 4, 256),
+                                     (256, 4, 4, 256)]:
+            shape = dict(SHAPES["opt-125m"], hidden=hidden, ffn=4 * hidden, heads=hidden // 64, layers=layers,
+                         vocab=4096)
+            rows = run_pipeline(shape, n, s, "sparsegpt", "2:4", base / f"h{hidden}l{layers}n{n}s{s}")
+            core = [r for r in rows if r["stage"] in ("prune1", "reconstruct", "prune2")]
+            print(f"{hidden:6d} {layers:6d} {n:8d} {s:6d} {sum(r['seconds'] for r in core):8.1f} "
+                  f"{max(r['peak_rss_mib'] for r in rows):9.0f}", flush=True)
+        return 0
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["layers"] = args.layers
+    rows = run_pipeline(shape, args.nsamples, args.seqlen, args.method, args.pattern, base)
+    print_rows(f"{args.shape} ({shape['layers']} layers), {args.method} {args.pattern}, "
+               f"{args.nsamples} × {args.seqlen} calibration tokens", rows)
+    one_shot = sum(r["seconds"] for r in rows if r["stage"] in ("calibration", "activations", "prune1"))
+    total = sum(r["seconds"] for r in rows)
+    print(f"\nSDS run {total:.1f} s vs one-shot run {one_shot:.1f} s: ratio {total / one_shot:.2f} (target ≤ 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
