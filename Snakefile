@@ -85,6 +85,15 @@ def rule_resources(rule_name):
 localrules: all, corpus, calibration, report
 
 
+def pruner_slice(*keys):
+    """`params` for rules that run a pruner: SparseGPT's own settings (prune.blocksize, prune.percdamp)
+    only where the method is sparsegpt, so tuning them never re-runs Wanda or magnitude outputs."""
+    def deps(wildcards):
+        extra = ("prune.blocksize", "prune.percdamp") if wildcards.method == "sparsegpt" else ()
+        return slice_of(*keys, *extra)
+    return deps
+
+
 wildcard_constraints:
     method="magnitude|wanda|sparsegpt",
     pattern=r"\d+of\d+|unstructured[0-9p]+",

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def snakemake(workdir: Path, *args: str) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--quiet",
-                    *args], check=True)
+    subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+                    "--quiet", "all"], check=True)
     return time.monotonic() - start
 
 

@@ -103,3 +103,4 @@ def test_invalid_config_fails_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "unknown config key 'nsampels' in 'calibration'" in proc.stderr + proc.stdout
     assert not (tmp_path / "results").exists()
+

@@ -509,6 +509,8 @@ def model_card(config, method, pat, model, summary) -> str:
 
     sp = measured_sparsity(model)
     rows = "\n".join(f"| {i} | {s:.4f} |" for i, s in sp["per_layer"].items())
+    errors = [v["rel_error"] for v in summary["linears"].values()]
+    mean_error = sum(errors) / max(len(errors), 1)
     return f"""---
 library_name: transformers
 tags: [sparse, pruning, sds]
@@ -520,7 +522,10 @@ tags: [sparse, pruning, sds]
 - Achieved sparsity of decoder linear weights: {sp['overall']:.4f} (exact zeros; masks in `../masks.safetensors`)
 - Linears that kept their first-prune weights (early exit): {summary.get('fallbacks', 0)}
 - Config hash: `{config_hash(config)}`; sds {__version__}
-- Metrics: see `results/{config['run']}/report/report.md` (perplexity of dense, one-shot and SDS models)
+- Calibration metric: mean relative output error of the pruned linears vs the dense layers
+  {mean_error:.5f} ({len(errors)} linears, {config['calibration']['nsamples']} × {config['calibration']['seqlen']} tokens)
+- Evaluation metrics (perplexity, zero-shot) of dense, one-shot and SDS models:
+  `results/{config['run']}/report/report.md` and `eval/` beside it
 
 Weights are dense safetensors with exact zeros; load with `AutoModelForCausalLM.from_pretrained`.
 
@@ -598,6 +603,7 @@ def evaluate(config: dict, model_dir: str, corpus_dir: str | None, out: str, wei
     if pattern:
         result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
     result["seconds"] = time.monotonic() - start
+    result["config_hash"], result["provenance"] = config_hash(config), provenance()
     write_json(out, result)
     _track(config, f"evaluate/{label}", params={"label": label},
            metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],

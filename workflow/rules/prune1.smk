@@ -8,7 +8,7 @@ rule prune1:
     output:
         directory(f"{R}/{{method}}/{{pattern}}/prune1"),
     params:
-        deps=slice_of("threads", "device", "model.dtype", "activations", "prune.blocksize", "prune.percdamp"),
+        deps=pruner_slice("threads", "device", "model.dtype", "activations"),
     threads: THREADS
     resources:
         **rule_resources("prune1"),

@@ -10,7 +10,7 @@ rule prune2:
     output:
         directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
     params:
-        deps=slice_of("threads", "device", "model.dtype", "prune.blocksize", "prune.percdamp", "prune2"),
+        deps=pruner_slice("threads", "device", "model.dtype", "prune2"),
     threads: THREADS
     resources:
         **rule_resources("prune2"),
