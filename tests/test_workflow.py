@@ -78,7 +78,6 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
 
 
 def test_sds_model_loads_and_generates(micro_run):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sds.evaluate import measured_sparsity, pattern_violations

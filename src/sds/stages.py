@@ -20,9 +20,9 @@ from .config import config_hash
 from .io import (ParquetTensorWriter, atomic_dir, checksum_folder, iter_parquet_tensors, load_tensors, read_json,
                  save_tensors, write_json, write_text)
 from .model import (apply_weights, clone_layer, decoder_layers, decoder_layers_prefix, find_linears,
-                    layer_kwargs, load_model, run_layer)
-from .layerwise import check_finite, collect_stats, propagate, update_layer
-from .pruners import parse_pattern, pattern_from_slug, prune
+                    layer_kwargs, load_model)
+from .layerwise import collect_stats, propagate, update_layer
+from .pruners import pattern_from_slug, prune
 from .reconstruct import adjust, fista, relative_error
 from .tracking import record_stage
 
@@ -140,7 +140,7 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
     """Trains the embedded default model (tokenizer + small OPT) on the corpus's train split."""
     from .modelbuild import build_model as train
 
-    device = setup(config)
+    setup(config)  # seed; training runs on the CPU with its own thread count
     b = config["model"]["builtin"]
     torch.set_num_threads(b["threads"])
     text = (Path(corpus_dir) / "train.txt").read_text(encoding="utf-8")
@@ -289,7 +289,7 @@ def _save_checkpoint(out_dir: Path, infos: dict, model, extra: dict | None = Non
 
 def _layer_metrics(infos: dict) -> list:
     metrics = []
-    for step, (name, info) in enumerate(sorted(infos.items())):
+    for name, info in sorted(infos.items()):
         for key in ("rel_error", "rel_error_before"):
             if key in info:
                 metrics.append((f"{key}.{name}", info[key], 0))
@@ -322,7 +322,7 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
 
 
-def _adjust_fn(config, pattern_obj):
+def _adjust_fn(config):
     p2 = config["prune2"]
 
     def run(W_dense, stats, mask, W_init):
@@ -342,7 +342,7 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     windows = read_calibration(calibration_file)
     first = load_tensors(Path(prune1_dir) / "weights.safetensors")
     masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
-    run_adjust = _adjust_fn(config, None)
+    run_adjust = _adjust_fn(config)
 
     def update(i, name, W, W_dense, stats):
         mask = masks[name].to(W.device).bool()
@@ -471,7 +471,7 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     recon = load_tensors(Path(reconstruct_dir) / "weights.safetensors")
     first = load_tensors(Path(prune1_dir) / "weights.safetensors")
     first_masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
-    run_adjust = _adjust_fn(config, pat)
+    run_adjust = _adjust_fn(config)
 
     def update(i, name, W, W_dense, stats):
         pruned, mask = prune(method, W, pat, hessian=stats.H, blocksize=p["blocksize"], percdamp=p["percdamp"])
