@@ -42,6 +42,8 @@ MODEL = f"{R}/model" if BUILTIN else RESOLVED["model"]["source"]
 METHODS = RESOLVED["prune"]["methods"]
 PATTERNS = [parse_pattern(p).slug for p in RESOLVED["prune"]["patterns"]]
 RECONS = list(RESOLVED["reconstruct"])
+# prune1 caches its pruned stream (one Parquet file per layer) only for settings that re-run layers on it
+PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" for r in RESOLVED["reconstruct"].values())
 PY = sys.executable
 
 # The resolved config every stage reads. Rewritten only when it changes; it is not a rule input, so

@@ -71,25 +71,32 @@ def stage(config: Path, name: str, out: Path, **kw) -> dict:
     proc = subprocess.run(args, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"),
                                                                     "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
     seconds = time.monotonic() - start
+    (out.parent / f"{out.name}.log").write_text(proc.stderr)  # per-layer progress lines with peak RSS
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     rss = next(int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB"))
-    return {"stage": name, "seconds": seconds, "peak_rss_mib": rss / 1024, "bytes_written": du(out)}
+    row = {"stage": name, "seconds": seconds, "peak_rss_mib": rss / 1024, "bytes_written": du(out)}
+    # one line per finished stage, so a long run shows its figures as it goes (and a log keeps them)
+    print(f"  {name:14s} {seconds:9.1f} s {row['peak_rss_mib']:9.0f} MiB peak {row['bytes_written'] / 2**20:10.1f} MiB "
+          f"written", flush=True)
+    (out.parent / f"{out.name}.bench.json").write_text(json.dumps(row))
+    return row
 
 
 def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: str, work: Path,
-                 sds: bool = True) -> list[dict]:
+                 sds: bool = True, overrides: dict | None = None) -> list[dict]:
     from sds.config import validate_config
 
     work.mkdir(parents=True, exist_ok=True)
     model, text = work / "model", work / "calib.txt"
     if not model.exists():
         make_model(model, shape)
-    make_text(text, nsamples * seqlen * 2 + 10, shape["vocab"])
+    make_text(text, max(nsamples * seqlen * 2, 50_000), shape["vocab"])
     cfg = validate_config({"run": "bench", "threads": 2, "model": {"source": str(model)},
                            "calibration": {"source": str(text), "nsamples": nsamples, "seqlen": seqlen},
                            "evaluate": {"datasets": {"calib": str(text)}, "seqlen": seqlen, "max_windows": 4},
-                           "prune": {"methods": [method], "patterns": [pattern]}, "mlflow": {"enabled": False}})
+                           "prune": {"methods": [method], "patterns": [pattern]}, "mlflow": {"enabled": False},
+                           **(overrides or {})})
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg))
     from sds.pruners import parse_pattern
@@ -99,7 +106,8 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
     common = dict(model_dir=model, calibration_file=work / "calibration.parquet")
     rows.append(stage(cfg_path, "activations", work / "dense", **common))
     p1 = work / method / slug / "prune1"
-    rows.append(stage(cfg_path, "prune1", p1, dense_dir=work / "dense", method=method, pattern=slug, **common))
+    rows.append(stage(cfg_path, "prune1", p1, dense_dir=work / "dense", method=method, pattern=slug,
+                      cache_stream="false", **common))
     if sds:
         rec = work / method / slug / "default" / "reconstruct"
         rows.append(stage(cfg_path, "reconstruct", rec, model_dir=model, dense_dir=work / "dense", prune1_dir=p1,
@@ -126,6 +134,8 @@ def main() -> int:
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--curve", action="store_true", help="cost-curve table on small shapes")
+    ap.add_argument("--depth-check", action="store_true",
+                    help="peak RSS per stage for 6 vs 12 layers (solver steps cut to 5: memory, not time)")
     ap.add_argument("--workdir")
     args = ap.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sds-scale-"))
@@ -140,6 +150,22 @@ def main() -> int:
             core = [r for r in rows if r["stage"] in ("prune1", "reconstruct", "prune2")]
             print(f"{hidden:6d} {layers:6d} {n:8d} {s:6d} {sum(r['seconds'] for r in core):8.1f} "
                   f"{max(r['peak_rss_mib'] for r in rows):9.0f}", flush=True)
+        return 0
+    if args.depth_check:
+        # FISTA steps and the adjustment solver change time, not the per-layer working set, so they are cut
+        # short; what is compared is the peak RSS of each stage at two depths.
+        overrides = {"reconstruct": {"default": {"steps": 5}}, "prune2": {"adjust": "fista", "adjust_steps": 5}}
+        peaks = {}
+        for layers in (6, 12):
+            shape = dict(SHAPES[args.shape], layers=layers)
+            print(f"{args.shape} with {layers} layers, {args.nsamples} × {args.seqlen} tokens", flush=True)
+            rows = run_pipeline(shape, args.nsamples, args.seqlen, args.method, args.pattern, base / f"l{layers}",
+                                overrides=overrides)
+            peaks[layers] = {r["stage"]: r["peak_rss_mib"] for r in rows}
+        print(f"\n{'stage':14s} {'6 layers MiB':>13s} {'12 layers MiB':>14s} {'change':>8s}")
+        for name in peaks[6]:
+            a, b = peaks[6][name], peaks[12][name]
+            print(f"{name:14s} {a:13.0f} {b:14.0f} {100 * (b - a) / a:+7.1f}%")
         return 0
     shape = dict(SHAPES[args.shape])
     if args.layers:

@@ -56,6 +56,21 @@ def test_parquet_corruption_detected(tmp_path):
         list(iter_parquet_tensors(p))
 
 
+def test_parquet_altered_byte_is_detected_before_the_stream_ends(tmp_path):
+    """A flipped byte inside a tensor parses fine; the checksum must still fail the read."""
+    rows = [torch.randn(64, 64) for _ in range(4)]
+    p = tmp_path / "c.parquet"
+    with ParquetTensorWriter(p, dtype=torch.float32, row_group_size=2) as w:
+        for r in rows:
+            w.append(r)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="c.parquet: checksum mismatch"):
+        for _ in iter_parquet_tensors(p):
+            pass
+
+
 def test_failed_writes_leave_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with atomic_path(tmp_path / "out.json") as tmp:

@@ -21,7 +21,7 @@ def _copy_run(micro_run, tmp_path) -> Path:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.sha256"))}
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.xxh3"))}
 
 
 @pytest.mark.parametrize("rule,output", [("activations", "activations/dense"),

@@ -98,8 +98,8 @@ def final_numbers(work: Path) -> dict:
     d = work / R / "sparsegpt" / "2of4" / "default"
     evaluation = json.loads((work / R / "eval" / "sparsegpt" / "2of4" / "default" / "sds.json").read_text())
     return {"eval": _without_timings(evaluation),
-            "reconstruct": (d / "reconstruct" / "weights.safetensors.sha256").read_text(),
-            "sds": (d / "sds" / "weights.safetensors.sha256").read_text()}
+            "reconstruct": (d / "reconstruct" / "weights.safetensors.xxh3").read_text(),
+            "sds": (d / "sds" / "weights.safetensors.xxh3").read_text()}
 
 
 def _scancel_reconstruct_mid_stage(work: Path, head: subprocess.Popen) -> int | None:

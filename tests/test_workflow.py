@@ -2,6 +2,7 @@
 import csv
 
 import pytest
+import torch
 import yaml
 
 from conftest import planned_jobs, snakemake
@@ -103,3 +104,44 @@ def test_invalid_config_fails_before_any_work(tmp_path):
     assert "unknown config key 'nsampels' in 'calibration'" in proc.stderr + proc.stdout
     assert not (tmp_path / "results").exists()
 
+
+
+def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
+    """prune1 keeps each layer's input statistics; for layer 0 (nothing pruned upstream) they must equal
+    the moments of the dense cache through the dense layer, recomputed here independently."""
+    from sds.io import iter_parquet_tensors, load_tensors_with_metadata
+    from sds.layerwise import StatsAccumulator, collect_stats
+    from sds.model import decoder_layers, layer_kwargs, load_model
+
+    work, _, _ = micro_run
+    r = work / "results" / "micro"
+    p1 = r / "sparsegpt" / "2of4" / "prune1"
+    assert sorted(p.name for p in (p1 / "stats").glob("*.safetensors")) == ["layer_000.safetensors",
+                                                                             "layer_001.safetensors"]
+    assert not (p1 / "work").exists(), "the working stream is deleted once the pass is done"
+    assert not (p1 / "stream").exists(), "the pruned stream is cached only for the dense_stream target"
+    saved = StatsAccumulator.from_tensors(*load_tensors_with_metadata(p1 / "stats" / "layer_000.safetensors"))
+    model, _ = load_model(r / "model")
+    stream = [t.float() for t in iter_parquet_tensors(r / "activations" / "dense" / "layer_000.parquet")]
+    fresh = collect_stats(decoder_layers(model)[0], stream, layer_kwargs(model, stream[0].shape[0]))
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
+        torch.testing.assert_close(saved.stats(name).H, fresh.stats(name).H, rtol=1e-5, atol=1e-6)
+    tensors, meta = load_tensors_with_metadata(p1 / "stats" / "layer_000.safetensors")
+    assert len(tensors) == 4, "q/k/v read one input: their statistics are stored once"
+
+
+def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
+    from sds.io import CorruptFileError, load_tensors
+    from sds.model import layer_kwargs, load_model
+    from sds.stages import reconstruct_layer
+
+    work, _, _ = micro_run
+    r = work / "results" / "micro"
+    p1 = r / "sparsegpt" / "2of4" / "prune1"
+    model, _ = load_model(r / "model")
+    settings = {"inputs": "pruned", "target": "dense_stream", "l1": 0.01, "l2": 0.0, "l1_pruned_weight": 3.0,
+                "steps": 2}
+    with pytest.raises(CorruptFileError, match="prune1/stream: the 'dense_stream' target needs prune1's stream"):
+        reconstruct_layer(model, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1,
+                          first_weights=load_tensors(p1 / "weights.safetensors"),
+                          first_masks=load_tensors(p1 / "masks.safetensors"), kwargs=layer_kwargs(model, 64))

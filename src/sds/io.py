@@ -1,15 +1,17 @@
 """File I/O for stage outputs: every write goes to a temporary name in the same folder and is renamed
-into place, so a file is complete or absent. Each tensor file records its SHA-256 in a sidecar
-`<file>.sha256`, checked on read, so a truncated or altered file is named instead of silently used.
+into place, so a file is complete or absent. Each tensor file records its XXH3-128 digest in a sidecar
+`<file>.xxh3`, checked on read, so a truncated or altered file is named instead of silently used. The
+digest guards against truncation and corruption, not tampering; XXH3 runs at ~10 GB/s on one core where
+SHA-256 manages ~1.3, so verification does not bound the activation-cache read rate (bench/cache_bench.py).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -51,7 +53,7 @@ def discard_stage_output(path: str | Path) -> Path | None:
         shutil.rmtree(root)
     else:
         root.unlink()
-        Path(str(root) + ".sha256").unlink(missing_ok=True)
+        _sidecar(root).unlink(missing_ok=True)
     return root
 
 
@@ -102,33 +104,43 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+CHECKSUM_SUFFIX = ".xxh3"
+
+
+def file_digest(path: str | Path) -> str:
+    """XXH3-128 of the file's bytes, as hex."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
 def _write_checksum(path: Path) -> None:
-    with atomic_path(path.with_name(path.name + ".sha256")) as tmp:
-        tmp.write_text(sha256_file(path) + "\n")
+    with atomic_path(_sidecar(path)) as tmp:
+        tmp.write_text(file_digest(path) + "\n")
 
 
 def verify_checksum(path: str | Path) -> None:
-    """Raises CorruptFileError if `path` is missing or differs from its recorded SHA-256."""
+    """Raises CorruptFileError if `path` is missing or differs from its recorded digest."""
     path = Path(path)
     if not path.is_file():
         raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}")
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = _sidecar(path)
     if not sidecar.is_file():
         raise CorruptFileError(f"{path}: no checksum file {sidecar.name} beside it; {HOW_TO_RECREATE}")
-    if sidecar.read_text().strip() != sha256_file(path):
+    if sidecar.read_text().strip() != file_digest(path):
         raise CorruptFileError(f"{path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
 
 
 def checksum_folder(folder: str | Path) -> None:
-    """Records SHA-256 sidecars for every safetensors file of a save_pretrained folder."""
+    """Records checksum sidecars for every safetensors file of a save_pretrained folder."""
     for f in sorted(Path(folder).glob("*.safetensors")):
         _write_checksum(f)
 
@@ -136,7 +148,7 @@ def checksum_folder(folder: str | Path) -> None:
 def verify_folder(folder: str | Path) -> None:
     """Verifies the safetensors files of a folder that has sidecars (folders we wrote); others pass."""
     for f in sorted(Path(folder).glob("*.safetensors")):
-        if f.with_name(f.name + ".sha256").is_file():
+        if _sidecar(f).is_file():
             verify_checksum(f)
 
 
@@ -181,11 +193,25 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
 
 
+def load_tensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    verify_checksum(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+
+
 # --- Parquet activation caches -----------------------------------------------------------------------
 # One row per calibration sequence; column "hidden" holds the (seqlen × hidden) tensor as raw bytes of the
-# cache dtype. A binary column (not a list column) keeps reads a single memcpy per row group.
+# cache dtype (a large_binary column: one value per tensor, so a row group's data is one contiguous Arrow
+# buffer and each tensor is one memcpy out of it; a list<float16> column would cost a conversion per
+# element). Uncompressed, 8 sequences per row group, fp16 by default: chosen by bench/cache_bench.py
+# (docs/performance.md has the table and the reasons).
 
-_TORCH_TO_NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: None}
+_NUMPY_VIEW = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: np.uint16}
 
 
 class ParquetTensorWriter:
@@ -209,8 +235,7 @@ class ParquetTensorWriter:
             self._shape = tuple(tensor.shape)
         elif tuple(tensor.shape) != self._shape:
             raise ValueError(f"{self.path}: tensor shape {tuple(tensor.shape)} differs from {self._shape}")
-        self._pending.append(tensor.view(torch.uint8).numpy().tobytes() if self.dtype == torch.bfloat16
-                             else tensor.numpy().tobytes())
+        self._pending.append(tensor.view(torch.uint8).numpy().tobytes())
         self.rows += 1
         if len(self._pending) >= self.row_group_size:
             self._flush()
@@ -221,14 +246,13 @@ class ParquetTensorWriter:
 
         if not self._pending:
             return
-        table = pa.table({"hidden": pa.array(self._pending, type=pa.binary())})
+        table = pa.table({"hidden": pa.array(self._pending, type=pa.large_binary())})
+        meta = {b"sds.shape": json.dumps(self._shape).encode(), b"sds.dtype": str(self.dtype).encode()}
+        table = table.replace_schema_metadata(meta)
         if self._writer is None:
-            meta = {b"sds.shape": json.dumps(self._shape).encode(), b"sds.dtype": str(self.dtype).encode()}
-            schema = table.schema.with_metadata(meta)
-            self._writer = pq.ParquetWriter(str(self._tmp), schema, compression=self.compression)
-            table = table.replace_schema_metadata(meta)
-        else:
-            table = table.replace_schema_metadata(self._writer.schema.metadata)
+            # PLAIN encoding: dictionary encoding of unique float blobs only costs time
+            self._writer = pq.ParquetWriter(str(self._tmp), table.schema, compression=self.compression,
+                                            use_dictionary=False, write_statistics=False)
         self._writer.write_table(table, row_group_size=len(self._pending))
         self._pending = []
 
@@ -256,24 +280,85 @@ class ParquetTensorWriter:
         return False
 
 
+class _BackgroundChecksum:
+    """The file's digest computed in a thread (xxhash releases the GIL) while the caller parses it, so
+    verification overlaps the read instead of costing a second pass before it."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path = path
+        self.digest: str | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.digest = file_digest(self.path)
+        except OSError:
+            self.digest = ""
+
+    def check(self) -> None:
+        self._thread.join()
+        sidecar = _sidecar(self.path)
+        if sidecar.read_text().strip() != self.digest:
+            raise CorruptFileError(f"{self.path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
+
+
 def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[torch.Tensor]:
-    """Yields the tensors of a ParquetTensorWriter file in order, one row group in memory at a time."""
+    """Yields the tensors of a ParquetTensorWriter file in order, one row group in memory at a time.
+    The tensors are views of that row group's buffer: treat them as read-only (`.to()` or `.clone()`).
+
+    With `verify`, the file's digest is checked against its sidecar in a background thread; a mismatch
+    raises CorruptFileError at the latest after the last tensor, before the generator finishes, so a stage
+    fails (and writes nothing) instead of finishing on corrupt data.
+    """
     import pyarrow.parquet as pq
 
     path = Path(path)
+    checksum = None
     if verify:
-        verify_checksum(path)
+        if not path.is_file():
+            raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}")
+        if not _sidecar(path).is_file():
+            raise CorruptFileError(f"{path}: no checksum file {_sidecar(path).name} beside it; {HOW_TO_RECREATE}")
+        checksum = _BackgroundChecksum(path)
     try:
-        pf = pq.ParquetFile(str(path))
+        # not memory-mapped: touched pages of a mapping count as resident memory for the whole read, so a
+        # mapped 800 MiB layer file would add 800 MiB to the stage's peak RSS; buffered reads hold one row group
+        pf = pq.ParquetFile(str(path), memory_map=False)
         meta = pf.schema_arrow.metadata or {}
         shape = tuple(json.loads(meta[b"sds.shape"]))
         dtype = getattr(torch, meta[b"sds.dtype"].decode().removeprefix("torch."))
     except Exception as exc:
+        if checksum is not None:
+            checksum.check()  # a damaged file is reported as such, not as a parse error
         raise CorruptFileError(f"{path}: not a readable activation cache ({exc}); {HOW_TO_RECREATE}") from None
+    view = _NUMPY_VIEW[dtype]
     for group in range(pf.num_row_groups):
-        column = pf.read_row_group(group, columns=["hidden"]).column(0)
-        for value in column.to_pylist():
-            yield torch.frombuffer(bytearray(value), dtype=dtype).view(shape)
+        try:
+            column = pf.read_row_group(group, columns=["hidden"]).column(0)
+        except Exception as exc:
+            if checksum is not None:
+                checksum.check()
+            raise CorruptFileError(f"{path}: row group {group} unreadable ({exc}); {HOW_TO_RECREATE}") from None
+        for chunk in column.chunks:
+            _, offsets_buf, data_buf = chunk.buffers()
+            offset_type = np.int64 if str(chunk.type) == "large_binary" else np.int32
+            offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+            data = np.frombuffer(data_buf, dtype=np.uint8)
+            for r in range(len(chunk)):
+                # a view of the row group's Arrow buffer (no copy; the tensor keeps the buffer alive).
+                # Arrow marks it read-only, which torch only warns about: callers never write to it.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    tensor = torch.from_numpy(data[offsets[r]:offsets[r + 1]].view(view))
+                if dtype == torch.bfloat16:
+                    tensor = tensor.view(torch.bfloat16)
+                yield tensor.view(shape)
+        del column
+    if checksum is not None:
+        checksum.check()
 
 
 def parquet_rows(path: str | Path) -> int:

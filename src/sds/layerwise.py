@@ -6,6 +6,7 @@ reconstruction (per-layer, from caches). The per-linear maths lives in `pruners`
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable, Iterable, Iterator
 
@@ -82,6 +83,22 @@ class StatsAccumulator:
                 for acc, term in zip(sums, terms):
                     acc += term
         self.tokens += n or 0
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The normalised second moments (one tensor per distinct input) and, as metadata, which linear
+        reads which, so `from_tensors` restores an equivalent accumulator (e.g. in another stage)."""
+        if self.cross:
+            raise ValueError("only plain (non-cross) statistics are saved")
+        tensors = {owner: sums[0] / max(self.tokens, 1) for owner, sums in self._sums.items()}
+        return tensors, {"groups": json.dumps(self._groups), "tokens": str(self.tokens)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "StatsAccumulator":
+        acc = cls(cross=False)
+        acc._groups = json.loads(meta["groups"])
+        acc.tokens = 1  # the saved moments are already normalised
+        acc._sums = {owner: [H] for owner, H in tensors.items()}
+        return acc
 
     def stats(self, name: str) -> LinearStats:
         sums = [s / max(self.tokens, 1) for s in self._sums[self._groups[name]]]

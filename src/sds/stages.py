@@ -5,6 +5,7 @@ A stage reads its inputs, does its work through the plumbing (`model`, `layerwis
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -17,11 +18,12 @@ import torch
 
 from . import __version__
 from .config import config_hash
-from .io import (ParquetTensorWriter, atomic_dir, checksum_folder, iter_parquet_tensors, load_tensors, read_json,
-                 save_tensors, write_json, write_text)
+from .io import (CHECKSUM_SUFFIX, HOW_TO_RECREATE, CorruptFileError, ParquetTensorWriter, atomic_dir, checksum_folder,
+                 iter_parquet_tensors, load_tensors, load_tensors_with_metadata, read_json, save_tensors, write_json,
+                 write_text)
 from .model import (apply_weights, clone_layer, decoder_layers, decoder_layers_prefix, find_linears,
                     layer_kwargs, load_model)
-from .layerwise import collect_stats, propagate, update_layer
+from .layerwise import StatsAccumulator, collect_stats, propagate, update_layer
 from .pruners import pattern_from_slug, prune
 from .reconstruct import adjust, fista, relative_error
 from .tracking import record_stage
@@ -41,6 +43,27 @@ def _fault_injection(what: str, done: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Between layers: drop unreachable objects and hand freed heap pages back to the OS. Per-sequence
+    activations (6–25 MiB) sit below glibc's mmap threshold, so without the trim freed chunks stay in the
+    heap and the resident set creeps up layer after layer."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class Progress:
     """Logs 'what i/n · elapsed · ETA' lines (to the terminal and the rule's log via stderr)."""
 
@@ -52,8 +75,8 @@ class Progress:
         total = total or self.total
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (total - done) if done else float("nan")
-        log.info("%s %d/%d · elapsed %.1fs · ETA %.1fs%s", self.what, done, total, elapsed, eta,
-                 f" · {extra}" if extra else "")
+        log.info("%s %d/%d · elapsed %.1fs · ETA %.1fs · peak RSS %.0f MiB%s", self.what, done, total, elapsed, eta,
+                 peak_rss_mib(), f" · {extra}" if extra else "")
 
 
 def setup(config: dict) -> torch.device:
@@ -93,12 +116,56 @@ def _cache_file(directory: str | Path, layer: int) -> Path:
     return Path(directory) / f"layer_{layer:03d}.parquet"
 
 
-def _read_stream(directory, layer, dtype, device) -> list[torch.Tensor]:
-    return [t.to(device, dtype) for t in iter_parquet_tensors(_cache_file(directory, layer))]
+def _iter_file(path, dtype, device):
+    return (t.to(device, dtype) for t in iter_parquet_tensors(path))
 
 
 def _iter_stream(directory, layer, dtype, device):
-    return (t.to(device, dtype) for t in iter_parquet_tensors(_cache_file(directory, layer)))
+    return _iter_file(_cache_file(directory, layer), dtype, device)
+
+
+class _WorkStream:
+    """The hidden states a layer-by-layer pass carries from one decoder layer to the next, kept on disk
+    (Parquet in the model's dtype, so nothing is rounded) and read one row group at a time: memory does
+    not grow with nsamples × seqlen or with depth. Files live in `folder` (inside the stage's temporary
+    output folder) and each is deleted as soon as the next layer's file is complete."""
+
+    def __init__(self, folder: Path, first: Path, dtype, device, row_group_size: int):
+        self.folder, self.current, self.dtype, self.device = Path(folder), Path(first), dtype, device
+        self.row_group_size = row_group_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __iter__(self):
+        return _iter_file(self.current, self.dtype, self.device)
+
+    def advance(self, outputs, layer: int, also=None) -> None:
+        """Writes `outputs` (the next layer's inputs) as the new current file; `also` gets them too."""
+        path = self.folder / f"stream_{layer:03d}.parquet"
+        with ParquetTensorWriter(path, dtype=self.dtype, row_group_size=self.row_group_size) as writer:
+            for h in outputs:
+                writer.append(h)
+                if also is not None:
+                    also.append(h)
+        self._drop_current()
+        self.current = path
+
+    def _drop_current(self):
+        if self.current.parent == self.folder:
+            self.current.unlink()
+            self.current.with_name(self.current.name + CHECKSUM_SUFFIX).unlink(missing_ok=True)
+
+    def close(self):
+        self._drop_current()
+        if not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+def _tee(stream, writer):
+    """Yields `stream` unchanged while appending each item to `writer` (None: no copy)."""
+    for item in stream:
+        if writer is not None:
+            writer.append(item)
+        yield item
 
 
 def _cache_dtype(config) -> torch.dtype:
@@ -212,22 +279,25 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
     from .model import capture_layer_inputs
 
     layers = decoder_layers(model)
+    dtype = next(model.parameters()).dtype
     progress = Progress("activations layer", len(layers))
+    rg = config["activations"]["row_group_size"]
     with atomic_dir(out) as tmp:
-        with _stream_writer(config, tmp, 0) as writer:
-            stream = []
+        first = tmp / "work" / "stream_000.parquet"
+        first.parent.mkdir()
+        with _stream_writer(config, tmp, 0) as cache, \
+                ParquetTensorWriter(first, dtype=dtype, row_group_size=rg) as work:
             for row in windows:
                 hidden, _ = capture_layer_inputs(model, row.unsqueeze(0))
-                stream.append(hidden[0])
-                writer.append(hidden[0])
+                cache.append(hidden[0])
+                work.append(hidden[0])
+        stream = _WorkStream(tmp / "work", first, dtype, device, rg)
         for i, layer in enumerate(layers):
-            with _stream_writer(config, tmp, i + 1) as writer:
-                next_stream = []
-                for out_hidden in propagate(layer, stream, kwargs, layer_name=f"dense layer {i}"):
-                    writer.append(out_hidden)
-                    next_stream.append(out_hidden)
-                stream = next_stream
+            with _stream_writer(config, tmp, i + 1) as cache:
+                stream.advance(propagate(layer, stream, kwargs, layer_name=f"dense layer {i}"), i + 1, also=cache)
+            release_memory()
             progress(i + 1)
+        stream.close()
         write_json(tmp / "manifest.json", {"layers": len(layers), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
     _track(config, "activations", params=config["activations"], metrics={"layers": len(layers)})
@@ -235,19 +305,21 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
 
 # --- 4. sequential prune / adjust passes ---------------------------------------------------------------
 
-def _sequential_pass(config, model, windows, dense_dir, update, *, source_weights=None, cross=False,
-                     stream_out=None, what="layer"):
+def _sequential_pass(config, model, windows, dense_dir, update, work_dir, *, source_weights=None, cross=False,
+                     stream_out=None, stats_out=None, what="layer"):
     """The SparseGPT/Wanda sequential protocol: for each decoder layer, collect its linears' input
     statistics on the current (already-modified) stream, update its weights, then propagate.
 
     `update(i, name, W_current, W_dense, stats) -> (W_new, mask, info)`. With `source_weights`, each layer
     starts from those weights instead of the dense ones (the dense copy is kept as the target). With
-    `cross`, statistics pair the stream with the dense cache (the 'dense_stream' target)."""
+    `cross`, statistics pair the stream with the dense cache (the 'dense_stream' target). The stream lives
+    in `work_dir` (see _WorkStream). `stream_out` gets each layer's input as a cache (cache dtype);
+    `stats_out` each layer's input statistics (for reconstruction)."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     kwargs = layer_kwargs(model, windows.shape[1])
     layers = decoder_layers(model)
-    stream = _read_stream(dense_dir, 0, dtype, device)
+    stream = _WorkStream(work_dir, _cache_file(dense_dir, 0), dtype, device, config["activations"]["row_group_size"])
     progress = Progress(what, len(layers))
     infos = {}
     for i, layer in enumerate(layers):
@@ -256,19 +328,23 @@ def _sequential_pass(config, model, windows, dense_dir, update, *, source_weight
         dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
         if source_weights is not None:
             apply_weights(model, {names[n]: source_weights[names[n]] for n in names})
-        acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
-                            target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
-                            layer_name=f"layer {i}")
+        with contextlib.ExitStack() as stack:
+            cache = stack.enter_context(_stream_writer(config, stream_out, i)) if stream_out is not None else None
+            acc = collect_stats(layer, _tee(stream, cache), kwargs, target_layer=dense_layer if cross else None,
+                                target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+                                layer_name=f"layer {i}")
+        if stats_out is not None:
+            tensors, meta = acc.to_tensors()
+            save_tensors(Path(stats_out) / f"layer_{i:03d}.safetensors", tensors, meta)
         layer_infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
+        del acc
         for n, info in layer_infos.items():
             infos[names[n]] = info
-        if stream_out is not None:
-            with _stream_writer(config, stream_out, i) as writer:
-                for h in stream:
-                    writer.append(h)
-        stream = list(propagate(layer, stream, kwargs, layer_name=f"layer {i}"))
+        stream.advance(propagate(layer, stream, kwargs, layer_name=f"layer {i}"), i + 1)
         errs = [v["rel_error"] for v in layer_infos.values() if "rel_error" in v]
+        release_memory()
         progress(i + 1, extra=f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}")
+    stream.close()
     return infos
 
 
@@ -297,9 +373,11 @@ def _layer_metrics(infos: dict) -> list:
 
 
 def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, method: str, pattern: str,
-           out: str) -> None:
-    """First prune: one-shot, sequential, every linear of every decoder layer. Also caches the pruned
-    model's per-layer inputs (stream/) for the reconstruction stage."""
+           out: str, cache_stream: str = "false") -> None:
+    """First prune: one-shot, sequential, every linear of every decoder layer. Also saves each layer's
+    input statistics (stats/: what the reconstruction fits on, so it needs no forward pass) and, with
+    `cache_stream` (needed only by the 'dense_stream' reconstruction target), the pruned model's
+    per-layer inputs (stream/)."""
     device = setup(config)
     pat = pattern_from_slug(pattern)
     p = config["prune"]
@@ -313,9 +391,12 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
 
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        (tmp / "stream").mkdir()
-        infos = _sequential_pass(config, model, windows, dense_dir, update, stream_out=tmp / "stream",
-                                 what=f"prune1 {method} {pat} layer")
+        stream_out = tmp / "stream" if cache_stream == "true" else None
+        if stream_out:
+            stream_out.mkdir()
+        (tmp / "stats").mkdir()
+        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", stream_out=stream_out,
+                                 stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
         _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
     _track(config, f"prune1/{method}/{pattern}", params={"method": method, "pattern": str(pat), **p},
@@ -353,8 +434,8 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     start = time.monotonic()
     cross = config["prune2"]["adjust_target"] == "dense_stream"
     with atomic_dir(out) as tmp:
-        infos = _sequential_pass(config, model, windows, dense_dir, update, source_weights=first, cross=cross,
-                                 what="prune1+adjust layer")
+        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", source_weights=first,
+                                 cross=cross, what="prune1+adjust layer")
         _save_checkpoint(tmp, infos, model)
     _track(config, f"prune1_adjust/{Path(prune1_dir).parent.parent.name}/{Path(prune1_dir).parent.name}",
            params=config["prune2"], metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
@@ -365,22 +446,32 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
 def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, first_weights, first_masks,
                       kwargs) -> dict:
     """Re-fits every linear of decoder layer i with the pruned weights re-activated (FISTA on the
-    quadratic objective + L1/L2), from the caches only: layers are independent of each other."""
+    quadratic objective + L1/L2). Layers are independent of each other: the default (first-pruned
+    inputs, dense-weights target) needs only the statistics prune1 saved for this layer, i.e. the inputs
+    the layer's linears see when the dense layer runs on the first-pruned model's stream; the other
+    settings re-run the dense layer on a cached stream (prune1's stream/ or the dense cache)."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     layer = decoder_layers(model)[i]
     dense_layer = clone_layer(layer)
     names = _layer_weight_names(model, i)
     dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
-    if settings["inputs"] == "pruned":
-        apply_weights(model, {names[n]: first_weights[names[n]] for n in names})
-        stream = _iter_stream(Path(prune1_dir) / "stream", i, dtype, device)
+    cross = settings["target"] == "dense_stream"
+    if settings["inputs"] == "pruned" and not cross:
+        acc = StatsAccumulator.from_tensors(*load_tensors_with_metadata(
+            Path(prune1_dir) / "stats" / f"layer_{i:03d}.safetensors"))
     else:
-        stream = _iter_stream(dense_dir, i, dtype, device)
-    cross = settings["target"] == "dense_stream" and settings["inputs"] == "pruned"
-    acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
-                        target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
-                        layer_name=f"layer {i}")
+        if settings["inputs"] == "pruned":
+            if not (Path(prune1_dir) / "stream").is_dir():
+                raise CorruptFileError(f"{prune1_dir}/stream: the 'dense_stream' target needs prune1's stream "
+                                       f"cache, which this prune1 output lacks; {HOW_TO_RECREATE}",
+                                       Path(prune1_dir) / "stream")
+            stream = _iter_stream(Path(prune1_dir) / "stream", i, dtype, device)
+        else:
+            stream = _iter_stream(dense_dir, i, dtype, device)
+        acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
+                            target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+                            layer_name=f"layer {i}")
 
     def update(n, _W, stats):
         full = names[n]
@@ -415,6 +506,7 @@ def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers:
     for done, i in enumerate(todo, 1):
         infos.update(reconstruct_layer(model, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir,
                                        first_weights=first, first_masks=masks, kwargs=kwargs))
+        release_memory()
         progress(done, extra=f"decoder layer {i}")
     return model, infos
 
@@ -489,7 +581,8 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     cross = p2["adjust_target"] == "dense_stream"
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        infos = _sequential_pass(config, model, windows, dense_dir, update, source_weights=recon, cross=cross,
+        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", source_weights=recon,
+                                 cross=cross,
                                  what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat),

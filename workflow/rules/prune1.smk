@@ -9,6 +9,7 @@ rule prune1:
         directory(f"{R}/{{method}}/{{pattern}}/prune1"),
     params:
         deps=pruner_slice("threads", "device", "model.dtype", "activations"),
+        cache_stream="true" if PRUNED_STREAM else "false",
     threads: THREADS
     resources:
         **rule_resources("prune1"),
@@ -18,8 +19,8 @@ rule prune1:
         f"{R}/benchmarks/prune1/{{method}}_{{pattern}}.tsv"
     shell:
         "{STAGE} prune1 --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
-        "dense_dir={input.dense:q} method={wildcards.method} pattern={wildcards.pattern} out={output:q} "
-        "2>&1 | tee {log:q}"
+        "dense_dir={input.dense:q} method={wildcards.method} pattern={wildcards.pattern} "
+        "cache_stream={params.cache_stream} out={output:q} 2>&1 | tee {log:q}"
 
 
 rule prune1_adjust:
