@@ -127,16 +127,24 @@ def _write_checksum(path: Path) -> None:
         tmp.write_text(file_digest(path) + "\n")
 
 
+def _require_checksum(path: Path) -> None:
+    """Raises CorruptFileError if `path` or its checksum sidecar is missing."""
+    if not path.is_file():
+        raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}")
+    if not _sidecar(path).is_file():
+        raise CorruptFileError(f"{path}: no checksum file {_sidecar(path).name} beside it; {HOW_TO_RECREATE}")
+
+
+def _compare_checksum(path: Path, digest: str) -> None:
+    if _sidecar(path).read_text().strip() != digest:
+        raise CorruptFileError(f"{path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
+
+
 def verify_checksum(path: str | Path) -> None:
     """Raises CorruptFileError if `path` is missing or differs from its recorded digest."""
     path = Path(path)
-    if not path.is_file():
-        raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}")
-    sidecar = _sidecar(path)
-    if not sidecar.is_file():
-        raise CorruptFileError(f"{path}: no checksum file {sidecar.name} beside it; {HOW_TO_RECREATE}")
-    if sidecar.read_text().strip() != file_digest(path):
-        raise CorruptFileError(f"{path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
+    _require_checksum(path)
+    _compare_checksum(path, file_digest(path))
 
 
 def checksum_folder(folder: str | Path) -> None:
@@ -300,9 +308,7 @@ class _BackgroundChecksum:
 
     def check(self) -> None:
         self._thread.join()
-        sidecar = _sidecar(self.path)
-        if sidecar.read_text().strip() != self.digest:
-            raise CorruptFileError(f"{self.path}: checksum mismatch (truncated or altered); {HOW_TO_RECREATE}")
+        _compare_checksum(self.path, self.digest)
 
 
 def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[torch.Tensor]:
@@ -318,10 +324,7 @@ def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[t
     path = Path(path)
     checksum = None
     if verify:
-        if not path.is_file():
-            raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}")
-        if not _sidecar(path).is_file():
-            raise CorruptFileError(f"{path}: no checksum file {_sidecar(path).name} beside it; {HOW_TO_RECREATE}")
+        _require_checksum(path)
         checksum = _BackgroundChecksum(path)
     try:
         # not memory-mapped: touched pages of a mapping count as resident memory for the whole read, so a

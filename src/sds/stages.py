@@ -51,9 +51,9 @@ def peak_rss_mib() -> float:
 
 
 def release_memory() -> None:
-    """Between layers: drop unreachable objects and hand freed heap pages back to the OS. Per-sequence
-    activations (6–25 MiB) sit below glibc's mmap threshold, so without the trim freed chunks stay in the
-    heap and the resident set creeps up layer after layer."""
+    """Between layers: drop unreachable objects and hand freed heap pages back to the OS (glibc keeps
+    freed chunks below its mmap threshold, such as per-sequence activations, in the heap). Measured: this
+    alone does not stop the resident set creeping up with depth (docs/performance.md)."""
     import ctypes
     import gc
 
@@ -328,8 +328,7 @@ def _sequential_pass(config, model, windows, dense_dir, update, work_dir, *, sou
         dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
         if source_weights is not None:
             apply_weights(model, {names[n]: source_weights[names[n]] for n in names})
-        with contextlib.ExitStack() as stack:
-            cache = stack.enter_context(_stream_writer(config, stream_out, i)) if stream_out is not None else None
+        with _stream_writer(config, stream_out, i) if stream_out is not None else contextlib.nullcontext() as cache:
             acc = collect_stats(layer, _tee(stream, cache), kwargs, target_layer=dense_layer if cross else None,
                                 target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
                                 layer_name=f"layer {i}")
