@@ -120,3 +120,51 @@ def test_stage_output_root_picks_the_whole_stage_output(tmp_path):
     assert stage_output_root(r / "w/2of4/prune1/stream/layer_001.parquet") == (r / "w/2of4/prune1").resolve()
     assert stage_output_root(tmp_path / "results" / "model") is None  # a run named 'model' is not an output
     assert stage_output_root(tmp_path / "my-model" / "model.safetensors") is None  # user files are never removed
+
+
+def test_streamed_safetensors_equal_a_whole_file_save(tmp_path):
+    from safetensors.torch import load_file
+
+    from sds.io import SafetensorsStreamWriter, TensorReader
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.uint8), "c": torch.randn(2, 2).bfloat16()}
+    with SafetensorsStreamWriter(tmp_path / "s.safetensors", {k: (v.dtype, v.shape) for k, v in tensors.items()},
+                                 metadata={"note": "x"}) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    loaded = load_file(tmp_path / "s.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    reader = TensorReader(tmp_path / "s.safetensors")  # the checksum sidecar was written
+    assert reader.spec("c") == (torch.bfloat16, (2, 2)) and torch.equal(reader["a"], tensors["a"])
+    with pytest.raises(CorruptFileError, match="has no tensor 'z'"):
+        reader["z"]
+
+
+def test_streamed_safetensors_refuse_wrong_order_shape_and_incomplete_files(tmp_path):
+    from sds.io import SafetensorsStreamWriter
+
+    specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (3,))}
+    writer = SafetensorsStreamWriter(tmp_path / "s.safetensors", specs)
+    with pytest.raises(ValueError, match="expected tensor 'a' next, got 'b'"):
+        writer.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"declared torch.float32 \(2,\)"):
+        writer.write("a", torch.zeros(4))
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="closed after 1 of 2 tensors"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary is left
+
+
+def test_plain_safetensors_reader_matches_the_library_and_names_bad_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from sds.io import SafetensorsFile
+
+    tensors = {"w": torch.randn(4, 6), "m": torch.ones(3, dtype=torch.bool), "h": torch.randn(5).half()}
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
+    reader = SafetensorsFile(tmp_path / "lib.safetensors")
+    assert sorted(reader.keys()) == sorted(tensors) and reader.metadata() == {"k": "v"}
+    assert all(torch.equal(reader[k], v) for k, v in tensors.items())
+    (tmp_path / "bad.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CorruptFileError, match="bad.safetensors: not a readable safetensors file"):
+        SafetensorsFile(tmp_path / "bad.safetensors")

@@ -51,3 +51,49 @@ def test_model_without_weights_named(tmp_path):
 def test_apply_weights_rejects_unknown_names():
     with pytest.raises(ModelError, match="lacks"):
         apply_weights(tiny_opt(), {"nope.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_layerwise_model_matches_the_loaded_model_one_layer_at_a_time(tmp_path, make):
+    from sds.model import LayerwiseModel
+
+    from transformers import AutoModelForCausalLM
+
+    make(layers=3).save_pretrained(tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    lm = LayerwiseModel(tmp_path)
+    assert len(lm) == 3
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    hidden, _ = capture_layer_inputs(full, ids)
+    kwargs, full_kwargs = lm.kwargs(16), layer_kwargs(full, 16)
+    assert set(kwargs) == set(full_kwargs)
+    lazy_hidden = capture_layer_inputs(lm.model, ids)[0]
+    assert torch.equal(lazy_hidden, hidden)  # embeddings (and rotary tables) are real
+    for i in range(3):
+        assert all(p.is_meta for p in lm.layers[i].parameters())  # nothing read before it is asked for
+        expected = run_layer(decoder_layers(full)[i], hidden, full_kwargs)
+        got = run_layer(lm.layer(i), lazy_hidden, kwargs)
+        assert torch.allclose(got, expected, atol=1e-6), f"layer {i}"
+        lm.release(i)
+        assert all(p.is_meta for p in lm.layers[i].parameters())
+        hidden, lazy_hidden = expected, got
+
+
+def test_layerwise_save_pretrained_replaces_only_the_given_tensors(tmp_path):
+    from sds.io import save_tensors, TensorReader
+    from sds.model import LayerwiseModel
+
+    from transformers import AutoModelForCausalLM
+
+    tiny_opt(layers=2).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lm = LayerwiseModel(tmp_path / "base")
+    name = "model.decoder.layers.1.fc1.weight"
+    new = torch.zeros_like(dict(base.named_parameters())[name])
+    save_tensors(tmp_path / "new.safetensors", {name: new})
+    lm.save_pretrained(tmp_path / "out", TensorReader(tmp_path / "new.safetensors"))
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    params = dict(out.named_parameters())
+    for key, value in base.named_parameters():
+        assert torch.equal(params[key], new if key == name else value), key
+    assert out.lm_head.weight.data_ptr() == out.model.decoder.embed_tokens.weight.data_ptr()  # still tied

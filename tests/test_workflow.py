@@ -131,17 +131,17 @@ def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
 
 
 def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
-    from sds.io import CorruptFileError, load_tensors
-    from sds.model import layer_kwargs, load_model
+    from sds.io import CorruptFileError, TensorReader
+    from sds.model import LayerwiseModel
     from sds.stages import reconstruct_layer
 
     work, _, _ = micro_run
     r = work / "results" / "micro"
     p1 = r / "sparsegpt" / "2of4" / "prune1"
-    model, _ = load_model(r / "model")
+    lm = LayerwiseModel(r / "model")
     settings = {"inputs": "pruned", "target": "dense_stream", "l1": 0.01, "l2": 0.0, "l1_pruned_weight": 3.0,
                 "steps": 2}
     with pytest.raises(CorruptFileError, match="prune1/stream: the 'dense_stream' target needs prune1's stream"):
-        reconstruct_layer(model, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1,
-                          first_weights=load_tensors(p1 / "weights.safetensors"),
-                          first_masks=load_tensors(p1 / "masks.safetensors"), kwargs=layer_kwargs(model, 64))
+        reconstruct_layer(lm, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1,
+                          first_weights=TensorReader(p1 / "weights.safetensors"),
+                          first_masks=TensorReader(p1 / "masks.safetensors"), kwargs=lm.kwargs(64))

@@ -202,14 +202,152 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_tensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    verify_checksum(path)
+    reader = TensorReader(path)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error types for malformed headers
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+        return {k: reader[k] for k in reader.keys()}, reader.metadata()
+    finally:
+        reader.close()
+
+
+# safetensors dtype codes (the format's own names) for the dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
+
+
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file one tensor at a time, so a checkpoint of any depth is never held in memory.
+
+    The format puts every tensor's offsets in the header, so names, dtypes and shapes are declared up front
+    (`specs`, in file order) and `write` must then be called for each name in that order. The file is built
+    under a temporary name, renamed into place by `close` once every tensor is written, and gets its
+    checksum sidecar; `abort` (or leaving the `with` block on an exception) leaves nothing behind."""
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._order = list(specs)
+        self._specs = {k: (dtype, tuple(int(d) for d in shape)) for k, (dtype, shape) in specs.items()}
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for name, (dtype, shape) in self._specs.items():
+            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp, self._fh, self._next = Path(tmp), os.fdopen(fd, "wb"), 0
+        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or name != self._order[self._next]:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing (all written)"
+            raise ValueError(f"{self.path}: expected tensor {expected!r} next, got {name!r}")
+        dtype, shape = self._specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"declared {dtype} {shape}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        if self._next != len(self._order):
+            self.abort()
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        self._fh.close()
+        os.replace(self._tmp, self.path)
+        _write_checksum(self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class SafetensorsFile:
+    """Reads single tensors of a safetensors file with plain file reads, located by its header. Not
+    memory-mapped (as safetensors' own safe_open is): a mapping's touched pages count as this process's
+    resident memory while it is open, so reading a checkpoint layer by layer would grow with depth."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self._fh = open(self.path, "rb")
+        try:
+            n = int.from_bytes(self._fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(self._fh.read(n))
+            self._metadata = header.pop("__metadata__", None) or {}
+            self._start, self._entries = 8 + n, {}
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                dtype, shape = _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
+                nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                if end - begin != nbytes or self._start + end > size:
+                    raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
+                self._entries[name] = (dtype, shape, begin)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._fh.close()
+            raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of one tensor, from the header (nothing is read)."""
+        dtype, shape, _ = self._entry(name)
+        return dtype, shape
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin = self._entry(name)
+        tensor = torch.empty(shape, dtype=dtype)
+        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._fh.seek(self._start + begin)
+        if self._fh.readinto(target) != len(target):
+            raise CorruptFileError(f"{self.path}: truncated inside tensor {name!r}; {HOW_TO_RECREATE}")
+        return tensor
+
+    def _entry(self, name: str):
+        if name not in self._entries:
+            raise CorruptFileError(f"{self.path}: has no tensor {name!r}; {HOW_TO_RECREATE}")
+        return self._entries[name]
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class TensorReader(SafetensorsFile):
+    """A safetensors file this project wrote: its checksum is verified once, on opening; tensors are then
+    read one at a time, so a stage that needs one layer of a checkpoint does not load all of them."""
+
+    def __init__(self, path: str | Path):
+        verify_checksum(path)
+        super().__init__(path)
 
 
 # --- Parquet activation caches -----------------------------------------------------------------------

@@ -18,11 +18,10 @@ import torch
 
 from . import __version__
 from .config import config_hash
-from .io import (CHECKSUM_SUFFIX, HOW_TO_RECREATE, CorruptFileError, ParquetTensorWriter, atomic_dir, checksum_folder,
-                 iter_parquet_tensors, load_tensors, load_tensors_with_metadata, read_json, save_tensors, write_json,
-                 write_text)
-from .model import (apply_weights, clone_layer, decoder_layers, decoder_layers_prefix, find_linears,
-                    layer_kwargs, load_model)
+from .io import (CHECKSUM_SUFFIX, HOW_TO_RECREATE, CorruptFileError, ParquetTensorWriter, SafetensorsStreamWriter,
+                 TensorReader, atomic_dir, checksum_folder, iter_parquet_tensors, load_tensors,
+                 load_tensors_with_metadata, read_json, save_tensors, write_json, write_text)
+from .model import LayerwiseModel, apply_weights, clone_layer, find_linears, load_model
 from .layerwise import StatsAccumulator, collect_stats, propagate, update_layer
 from .pruners import pattern_from_slug, prune
 from .reconstruct import adjust, fista, relative_error
@@ -44,7 +43,15 @@ def _fault_injection(what: str, done: int) -> None:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far, in MiB. On Linux from VmHWM: ru_maxrss survives
+    execve, so a stage started by a large parent (Snakemake, a benchmark) would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -110,6 +117,12 @@ def _track(config, stage, *, params=None, metrics=None, artifacts=(), parent_art
 def _model(config: dict, model_dir: str, device) -> tuple:
     return load_model(model_dir, dtype=config["model"]["dtype"],
                       trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
+
+
+def _layerwise_model(config: dict, model_dir: str, device) -> LayerwiseModel:
+    """The model for layer-by-layer stages: one decoder layer in memory at a time (see LayerwiseModel)."""
+    return LayerwiseModel(model_dir, dtype=config["model"]["dtype"],
+                          trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
 
 
 def _cache_file(directory: str | Path, layer: int) -> Path:
@@ -178,9 +191,44 @@ def _stream_writer(config, directory, layer) -> ParquetTensorWriter:
                                row_group_size=act["row_group_size"], compression=act["compression"])
 
 
-def _layer_weight_names(model, i) -> dict[str, str]:
-    prefix = f"{decoder_layers_prefix(model)}.{i}"
-    return {name: f"{prefix}.{name}.weight" for name in find_linears(decoder_layers(model)[i])}
+class _CheckpointWriter:
+    """weights.safetensors (every decoder linear of `layers`), masks.safetensors (with `masks`) and
+    layers.json, written layer by layer as a pass finishes each: no stage holds more than one layer's
+    weights, whatever the depth. Also counts each layer's exact zeros (the model card's sparsity)."""
+
+    def __init__(self, out_dir: Path, lm: LayerwiseModel, layers, *, masks: bool):
+        specs = lm.linear_specs(layers)
+        self.out_dir, self.lm, self.infos, self.zeros = Path(out_dir), lm, {}, {}
+        self.weights = SafetensorsStreamWriter(self.out_dir / "weights.safetensors", specs)
+        self.masks = SafetensorsStreamWriter(self.out_dir / "masks.safetensors",
+                                             {k: (torch.uint8, shape) for k, (_, shape) in specs.items()}
+                                             ) if masks else None
+
+    def add(self, i: int, layer_infos: dict[str, dict]) -> None:
+        """Writes decoder layer i's current linear weights (and the masks in `layer_infos`)."""
+        zeros = total = 0
+        for name, full in self.lm.linear_names(i).items():
+            weight = self.lm.layers[i].get_submodule(name).weight.detach()
+            self.weights.write(full, weight)
+            zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+            info = dict(layer_infos[name])
+            mask = info.pop("mask", None)
+            if self.masks is not None:
+                self.masks.write(full, mask.to(torch.uint8))
+            self.infos[full] = info
+        self.zeros[i] = (zeros, total)
+
+    def sparsity(self) -> dict:
+        zeros, total = (sum(v[k] for v in self.zeros.values()) for k in (0, 1))
+        return {"overall": zeros / max(total, 1), "per_layer": {i: z / t for i, (z, t) in self.zeros.items()}}
+
+    def close(self, extra: dict | None = None) -> dict:
+        self.weights.close()
+        if self.masks is not None:
+            self.masks.close()
+        summary = {"linears": self.infos, **(extra or {})}
+        write_json(self.out_dir / "layers.json", summary)
+        return summary
 
 
 # --- 1. corpus and model ------------------------------------------------------------------------------
@@ -273,14 +321,13 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
     """Runs the dense model layer by layer; caches each decoder layer's input (and the last output),
     one Parquet file per layer boundary: layer_i = input of layer i = dense output of layer i−1."""
     device = setup(config)
-    model, _ = _model(config, model_dir, device)
+    lm = _layerwise_model(config, model_dir, device)
     windows = read_calibration(calibration_file)
-    kwargs = layer_kwargs(model, windows.shape[1])
+    kwargs = lm.kwargs(windows.shape[1])
     from .model import capture_layer_inputs
 
-    layers = decoder_layers(model)
-    dtype = next(model.parameters()).dtype
-    progress = Progress("activations layer", len(layers))
+    model, dtype = lm.model, lm.dtype
+    progress = Progress("activations layer", len(lm))
     rg = config["activations"]["row_group_size"]
     with atomic_dir(out) as tmp:
         first = tmp / "work" / "stream_000.parquet"
@@ -292,74 +339,64 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
                 cache.append(hidden[0])
                 work.append(hidden[0])
         stream = _WorkStream(tmp / "work", first, dtype, device, rg)
-        for i, layer in enumerate(layers):
+        for i in range(len(lm)):
             with _stream_writer(config, tmp, i + 1) as cache:
-                stream.advance(propagate(layer, stream, kwargs, layer_name=f"dense layer {i}"), i + 1, also=cache)
+                stream.advance(propagate(lm.layer(i), stream, kwargs, layer_name=f"dense layer {i}"), i + 1,
+                               also=cache)
+            lm.release(i)
             release_memory()
             progress(i + 1)
         stream.close()
-        write_json(tmp / "manifest.json", {"layers": len(layers), "nsamples": windows.shape[0],
+        write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
-    _track(config, "activations", params=config["activations"], metrics={"layers": len(layers)})
+    _track(config, "activations", params=config["activations"], metrics={"layers": len(lm)})
 
 
 # --- 4. sequential prune / adjust passes ---------------------------------------------------------------
 
-def _sequential_pass(config, model, windows, dense_dir, update, work_dir, *, source_weights=None, cross=False,
-                     stream_out=None, stats_out=None, what="layer"):
+def _sequential_pass(config, lm: LayerwiseModel, seqlen: int, dense_dir, update, work_dir,
+                     checkpoint: _CheckpointWriter, *, source=None, cross=False, stream_out=None, stats_out=None,
+                     what="layer"):
     """The SparseGPT/Wanda sequential protocol: for each decoder layer, collect its linears' input
     statistics on the current (already-modified) stream, update its weights, then propagate.
 
-    `update(i, name, W_current, W_dense, stats) -> (W_new, mask, info)`. With `source_weights`, each layer
-    starts from those weights instead of the dense ones (the dense copy is kept as the target). With
-    `cross`, statistics pair the stream with the dense cache (the 'dense_stream' target). The stream lives
-    in `work_dir` (see _WorkStream). `stream_out` gets each layer's input as a cache (cache dtype);
-    `stats_out` each layer's input statistics (for reconstruction)."""
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    kwargs = layer_kwargs(model, windows.shape[1])
-    layers = decoder_layers(model)
-    stream = _WorkStream(work_dir, _cache_file(dense_dir, 0), dtype, device, config["activations"]["row_group_size"])
-    progress = Progress(what, len(layers))
-    infos = {}
-    for i, layer in enumerate(layers):
-        dense_layer = clone_layer(layer)
-        names = _layer_weight_names(model, i)
-        dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
-        if source_weights is not None:
-            apply_weights(model, {names[n]: source_weights[names[n]] for n in names})
+    `update(i, name, W_current, W_dense, stats) -> (W_new, mask, info)`. With `source` (full weight name →
+    tensor, e.g. a TensorReader), each layer starts from those weights instead of the dense ones (the
+    dense weights stay the target). With `cross`, statistics pair the stream with the dense cache (the
+    'dense_stream' target). The stream lives in `work_dir` (see _WorkStream). `stream_out` gets each
+    layer's input as a cache (cache dtype); `stats_out` each layer's input statistics (for
+    reconstruction). Each finished layer goes to `checkpoint` and leaves memory."""
+    kwargs = lm.kwargs(seqlen)
+    stream = _WorkStream(work_dir, _cache_file(dense_dir, 0), lm.dtype, lm.device,
+                         config["activations"]["row_group_size"])
+    progress = Progress(what, len(lm))
+    for i in range(len(lm)):
+        layer = lm.layer(i)
+        names = lm.linear_names(i)
+        linears = find_linears(layer)
+        dense_weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+        dense_layer = clone_layer(layer) if cross else None
+        if source is not None:
+            with torch.no_grad():
+                for n, full in names.items():
+                    linears[n].weight.copy_(source[full].to(linears[n].weight.dtype))
         with _stream_writer(config, stream_out, i) if stream_out is not None else contextlib.nullcontext() as cache:
-            acc = collect_stats(layer, _tee(stream, cache), kwargs, target_layer=dense_layer if cross else None,
-                                target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+            acc = collect_stats(layer, _tee(stream, cache), kwargs, target_layer=dense_layer,
+                                target_stream=_iter_stream(dense_dir, i, lm.dtype, lm.device) if cross else None,
                                 layer_name=f"layer {i}")
         if stats_out is not None:
             tensors, meta = acc.to_tensors()
             save_tensors(Path(stats_out) / f"layer_{i:03d}.safetensors", tensors, meta)
         layer_infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
-        del acc
-        for n, info in layer_infos.items():
-            infos[names[n]] = info
+        acc = dense_layer = dense_weights = None  # freed before the propagation pass
         stream.advance(propagate(layer, stream, kwargs, layer_name=f"layer {i}"), i + 1)
         errs = [v["rel_error"] for v in layer_infos.values() if "rel_error" in v]
+        checkpoint.add(i, layer_infos)
+        lm.release(i)
         release_memory()
         progress(i + 1, extra=f"mean rel. error {sum(errs) / max(len(errs), 1):.4f}")
     stream.close()
-    return infos
-
-
-def _save_checkpoint(out_dir: Path, infos: dict, model, extra: dict | None = None) -> dict:
-    """weights.safetensors (every decoder linear), masks.safetensors and layers.json (per-linear info)."""
-    weights = {}
-    for i in range(len(decoder_layers(model))):
-        for name, full in _layer_weight_names(model, i).items():
-            weights[full] = dict(model.named_parameters())[full].detach()
-    masks = {k: v.pop("mask").to(torch.uint8) for k, v in infos.items() if "mask" in v}
-    save_tensors(out_dir / "weights.safetensors", weights)
-    if masks:
-        save_tensors(out_dir / "masks.safetensors", masks)
-    summary = {"linears": infos, **(extra or {})}
-    write_json(out_dir / "layers.json", summary)
-    return summary
+    return checkpoint.infos
 
 
 def _layer_metrics(infos: dict) -> list:
@@ -380,8 +417,8 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     device = setup(config)
     pat = pattern_from_slug(pattern)
     p = config["prune"]
-    model, _ = _model(config, model_dir, device)
-    windows = read_calibration(calibration_file)
+    lm = _layerwise_model(config, model_dir, device)
+    seqlen = read_calibration(calibration_file).shape[1]
 
     def update(i, name, W, W_dense, stats):
         new_W, mask = prune(method, W, pat, hessian=stats.H, blocksize=p["blocksize"], percdamp=p["percdamp"])
@@ -394,9 +431,10 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
         if stream_out:
             stream_out.mkdir()
         (tmp / "stats").mkdir()
-        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", stream_out=stream_out,
-                                 stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
-        _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat)})
+        checkpoint = _CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
+        infos = _sequential_pass(config, lm, seqlen, dense_dir, update, tmp / "work", checkpoint,
+                                 stream_out=stream_out, stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
+        checkpoint.close({"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
     _track(config, f"prune1/{method}/{pattern}", params={"method": method, "pattern": str(pat), **p},
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
@@ -418,10 +456,10 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     """Ablation: the post-prune weight adjustment applied to the first prune's masks directly (no dense
     phase), so the dense phase's own contribution is visible."""
     device = setup(config)
-    model, _ = _model(config, model_dir, device)
-    windows = read_calibration(calibration_file)
-    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
-    masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
+    lm = _layerwise_model(config, model_dir, device)
+    seqlen = read_calibration(calibration_file).shape[1]
+    first = TensorReader(Path(prune1_dir) / "weights.safetensors")
+    masks = TensorReader(Path(prune1_dir) / "masks.safetensors")
     run_adjust = _adjust_fn(config)
 
     def update(i, name, W, W_dense, stats):
@@ -433,28 +471,27 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     start = time.monotonic()
     cross = config["prune2"]["adjust_target"] == "dense_stream"
     with atomic_dir(out) as tmp:
-        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", source_weights=first,
+        checkpoint = _CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
+        infos = _sequential_pass(config, lm, seqlen, dense_dir, update, tmp / "work", checkpoint, source=first,
                                  cross=cross, what="prune1+adjust layer")
-        _save_checkpoint(tmp, infos, model)
+        checkpoint.close()
     _track(config, f"prune1_adjust/{Path(prune1_dir).parent.parent.name}/{Path(prune1_dir).parent.name}",
            params=config["prune2"], metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
 
 
 # --- 5. dense reconstruction ------------------------------------------------------------------------------
 
-def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, first_weights, first_masks,
-                      kwargs) -> dict:
+def reconstruct_layer(lm: LayerwiseModel, i: int, settings: dict, *, dense_dir, prune1_dir, first_weights,
+                      first_masks, kwargs) -> dict:
     """Re-fits every linear of decoder layer i with the pruned weights re-activated (FISTA on the
     quadratic objective + L1/L2). Layers are independent of each other: the default (first-pruned
     inputs, dense-weights target) needs only the statistics prune1 saved for this layer, i.e. the inputs
     the layer's linears see when the dense layer runs on the first-pruned model's stream; the other
-    settings re-run the dense layer on a cached stream (prune1's stream/ or the dense cache)."""
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    layer = decoder_layers(model)[i]
-    dense_layer = clone_layer(layer)
-    names = _layer_weight_names(model, i)
-    dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(dense_layer).items()}
+    settings re-run the dense layer on a cached stream (prune1's stream/ or the dense cache). Returns the
+    per-linear infos (by short name); layer i then holds the re-fitted weights."""
+    layer = lm.layer(i)
+    names = lm.linear_names(i)
+    dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(layer).items()}
     cross = settings["target"] == "dense_stream"
     if settings["inputs"] == "pruned" and not cross:
         acc = StatsAccumulator.from_tensors(*load_tensors_with_metadata(
@@ -465,16 +502,17 @@ def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, f
                 raise CorruptFileError(f"{prune1_dir}/stream: the 'dense_stream' target needs prune1's stream "
                                        f"cache, which this prune1 output lacks; {HOW_TO_RECREATE}",
                                        Path(prune1_dir) / "stream")
-            stream = _iter_stream(Path(prune1_dir) / "stream", i, dtype, device)
+            stream = _iter_stream(Path(prune1_dir) / "stream", i, lm.dtype, lm.device)
         else:
-            stream = _iter_stream(dense_dir, i, dtype, device)
-        acc = collect_stats(layer, stream, kwargs, target_layer=dense_layer if cross else None,
-                            target_stream=_iter_stream(dense_dir, i, dtype, device) if cross else None,
+            stream = _iter_stream(dense_dir, i, lm.dtype, lm.device)
+        # the layer still holds its dense weights here, so it is its own target
+        acc = collect_stats(layer, stream, kwargs, target_layer=clone_layer(layer) if cross else None,
+                            target_stream=_iter_stream(dense_dir, i, lm.dtype, lm.device) if cross else None,
                             layer_name=f"layer {i}")
 
     def update(n, _W, stats):
         full = names[n]
-        W1, mask1 = first_weights[full].to(device).float(), first_masks[full].to(device).bool()
+        W1, mask1 = first_weights[full].to(lm.device).float(), first_masks[full].to(lm.device).bool()
         omega = torch.where(mask1, torch.ones_like(W1), torch.full_like(W1, settings["l1_pruned_weight"]))
         W = fista(W1, dense_weights[n], stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
                   l1_weights=omega)
@@ -482,42 +520,43 @@ def reconstruct_layer(model, i: int, settings: dict, *, dense_dir, prune1_dir, f
                          "rel_error": relative_error(W, dense_weights[n], stats),
                          "near_zero": float((W.abs() < 1e-8).float().mean())}
 
-    infos = update_layer(layer, acc, update)
-    return {names[n]: v for n, v in infos.items()}
+    return update_layer(layer, acc, update)
 
 
-def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers: list[int] | None):
-    """Reconstructs the given decoder layers (all when None); returns (model, per-linear infos)."""
+def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers: list[int] | None, out: Path,
+                        extra: dict) -> dict:
+    """Reconstructs the given decoder layers (all when None) into a checkpoint in `out`; returns its summary."""
     device = setup(config)
     settings = config["reconstruct"][recon]
-    model, _ = _model(config, model_dir, device)
+    lm = _layerwise_model(config, model_dir, device)
     manifest = read_json(Path(dense_dir) / "manifest.json")
-    kwargs = layer_kwargs(model, manifest["seqlen"])
-    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
-    masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
-    n_layers = len(decoder_layers(model))
-    todo = list(range(n_layers)) if layers is None else layers
+    kwargs = lm.kwargs(manifest["seqlen"])
+    first = TensorReader(Path(prune1_dir) / "weights.safetensors")
+    masks = TensorReader(Path(prune1_dir) / "masks.safetensors")
+    todo = list(range(len(lm))) if layers is None else layers
     for i in todo:
-        if not 0 <= i < n_layers:
-            raise ValueError(f"layer {i} does not exist: the model has {n_layers} decoder layers")
+        if not 0 <= i < len(lm):
+            raise ValueError(f"layer {i} does not exist: the model has {len(lm)} decoder layers")
     progress = Progress(f"reconstruct {recon} layer", len(todo))
-    infos = {}
+    checkpoint = _CheckpointWriter(out, lm, todo, masks=False)
     for done, i in enumerate(todo, 1):
-        infos.update(reconstruct_layer(model, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir,
-                                       first_weights=first, first_masks=masks, kwargs=kwargs))
+        infos = reconstruct_layer(lm, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir, first_weights=first,
+                                  first_masks=masks, kwargs=kwargs)
+        checkpoint.add(i, infos)
+        lm.release(i)
         release_memory()
         progress(done, extra=f"decoder layer {i}")
-    return model, infos
+    return checkpoint.close(extra)
 
 
 def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, out: str) -> None:
     """Dense reconstruction of every decoder layer in one job."""
     start = time.monotonic()
-    model, infos = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, None)
     with atomic_dir(out) as tmp:
-        _save_checkpoint(tmp, infos, model, {"settings": config["reconstruct"][recon]})
+        summary = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, None, tmp,
+                                      {"settings": config["reconstruct"][recon]})
     _track(config, f"reconstruct/{recon}", params=config["reconstruct"][recon],
-           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+           metrics=_layer_metrics(summary["linears"]) + [("seconds", time.monotonic() - start, 0)])
 
 
 def reconstruct_one_layer(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, layer: str,
@@ -526,22 +565,25 @@ def reconstruct_one_layer(config: dict, model_dir: str, dense_dir: str, prune1_d
     that layer's weights.safetensors and layers.json, merged by `reconstruct_gather`."""
     i = int(layer)
     start = time.monotonic()
-    model, infos = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, [i])
-    names = _layer_weight_names(model, i).values()
-    params = dict(model.named_parameters())
     with atomic_dir(out) as tmp:
-        save_tensors(tmp / "weights.safetensors", {n: params[n].detach() for n in names})
-        write_json(tmp / "layers.json", {"linears": infos, "layer": i, "seconds": time.monotonic() - start})
+        summary = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, [i], tmp, {"layer": i})
+        summary["seconds"] = time.monotonic() - start
+        write_json(tmp / "layers.json", summary)
 
 
 def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> None:
-    """Merges per-layer reconstruction outputs into the same checkpoint layout `reconstruct` writes."""
-    weights, infos = {}, {}
+    """Merges per-layer reconstruction outputs into the same checkpoint layout `reconstruct` writes,
+    one tensor in memory at a time."""
+    readers = [TensorReader(Path(part) / "weights.safetensors") for part in parts]
+    infos = {}
     for part in parts:
-        weights.update(load_tensors(Path(part) / "weights.safetensors"))
         infos.update(read_json(Path(part) / "layers.json")["linears"])
+    specs = {name: reader.spec(name) for reader in readers for name in reader.keys()}
     with atomic_dir(out) as tmp:
-        save_tensors(tmp / "weights.safetensors", weights)
+        with SafetensorsStreamWriter(tmp / "weights.safetensors", specs) as writer:
+            for reader in readers:
+                for name in reader.keys():
+                    writer.write(name, reader[name])
         write_json(tmp / "layers.json", {"linears": infos, "settings": config["reconstruct"][recon],
                                          "layer_parallel": True, "parts": len(parts)})
     _track(config, f"reconstruct/{recon}", params={**config["reconstruct"][recon], "layer_parallel": True},
@@ -557,11 +599,11 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     device = setup(config)
     pat = pattern_from_slug(pattern)
     p, p2 = config["prune"], config["prune2"]
-    model, tokenizer = _model(config, model_dir, device)
-    windows = read_calibration(calibration_file)
-    recon = load_tensors(Path(reconstruct_dir) / "weights.safetensors")
-    first = load_tensors(Path(prune1_dir) / "weights.safetensors")
-    first_masks = load_tensors(Path(prune1_dir) / "masks.safetensors")
+    lm = _layerwise_model(config, model_dir, device)
+    seqlen = read_calibration(calibration_file).shape[1]
+    recon = TensorReader(Path(reconstruct_dir) / "weights.safetensors")
+    first = TensorReader(Path(prune1_dir) / "weights.safetensors")
+    first_masks = TensorReader(Path(prune1_dir) / "masks.safetensors")
     run_adjust = _adjust_fn(config)
 
     def update(i, name, W, W_dense, stats):
@@ -580,26 +622,27 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     cross = p2["adjust_target"] == "dense_stream"
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        infos = _sequential_pass(config, model, windows, dense_dir, update, tmp / "work", source_weights=recon,
-                                 cross=cross,
-                                 what=f"prune2 {method} {pat} layer")
+        checkpoint = _CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
+        infos = _sequential_pass(config, lm, seqlen, dense_dir, update, tmp / "work", checkpoint, source=recon,
+                                 cross=cross, what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
-        summary = _save_checkpoint(tmp, infos, model, {"method": method, "pattern": str(pat),
-                                                       "fallbacks": fallbacks})
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
+        summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
+        # the loadable folder: the base checkpoint with every decoder linear replaced, one tensor at a time
+        lm.save_pretrained(tmp / "model", TensorReader(tmp / "weights.safetensors"))
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"]
+                                      ).save_pretrained(tmp / "model")
         checksum_folder(tmp / "model")
-        write_text(tmp / "model" / "README.md", model_card(config, method, pat, model, summary))
+        write_text(tmp / "model" / "README.md", model_card(config, method, pat, checkpoint.sparsity(), summary))
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
     _track(config, f"prune2/{method}/{pattern}", params={"method": method, "pattern": str(pat), **p2},
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0), ("fallbacks", fallbacks, 0)])
 
 
-def model_card(config, method, pat, model, summary) -> str:
-    from .evaluate import measured_sparsity
-
-    sp = measured_sparsity(model)
+def model_card(config, method, pat, sp: dict, summary) -> str:
+    """The model folder's README; `sp`: exact-zero fractions, overall and per decoder layer."""
     rows = "\n".join(f"| {i} | {s:.4f} |" for i, s in sp["per_layer"].items())
     errors = [v["rel_error"] for v in summary["linears"].values()]
     mean_error = sum(errors) / max(len(errors), 1)
