@@ -5,7 +5,7 @@
     .venv/bin/python bench/cache_bench.py --cache-file results/default/activations/dense/layer_001.parquet
 
 For each setting (dtype, compression, row-group size) it writes one layer's cache with ParquetTensorWriter,
-then reads it back with iter_parquet_tensors (SHA-256 verification on, as the stages read) and compares
+then reads it back with iter_parquet_tensors (XXH3 verification on, as the stages read) and compares
 with a plain sequential read of the same file (8 MiB reads into one buffer). Both reads are timed cold
 (the file's pages dropped from the page cache with posix_fadvise first) and warm. The rate column is
 tensor bytes delivered per second; "vs plain" is the Parquet read rate over the plain read rate.

@@ -168,3 +168,54 @@ def test_plain_safetensors_reader_matches_the_library_and_names_bad_files(tmp_pa
     (tmp_path / "bad.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
     with pytest.raises(CorruptFileError, match="bad.safetensors: not a readable safetensors file"):
         SafetensorsFile(tmp_path / "bad.safetensors")
+
+
+def _cache_with_pyarrow(path, rows, **options):
+    """A cache file in ParquetTensorWriter's schema, written by pyarrow directly with other writer options."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"hidden": pa.array([r.numpy().tobytes() for r in rows], type=pa.large_binary())})
+    table = table.replace_schema_metadata({b"sds.shape": json.dumps(list(rows[0].shape)).encode(),
+                                           b"sds.dtype": b"torch.float32"})
+    pq.write_table(table, str(path), use_dictionary=False, write_statistics=False, **options)
+    from sds.io import _write_checksum
+
+    _write_checksum(path)
+
+
+@pytest.mark.parametrize("options, through_arrow", [
+    ({"compression": "none", "row_group_size": 3}, False),
+    ({"compression": "none", "row_group_size": 3, "data_page_version": "2.0"}, False),
+    ({"compression": "none", "row_group_size": 2, "data_page_size": 64}, False),  # several values per chunk
+    ({"compression": "zstd", "row_group_size": 3}, True),
+])
+def test_uncompressed_caches_are_read_page_by_page_others_through_arrow(tmp_path, monkeypatch, options,
+                                                                        through_arrow):
+    import sds.io
+
+    rows = [torch.randn(6, 5) for _ in range(7)]
+    _cache_with_pyarrow(tmp_path / "c.parquet", rows, **options)
+    arrow_reads = []
+    real = sds.io._iter_parquet_through_arrow
+    monkeypatch.setattr(sds.io, "_iter_parquet_through_arrow", lambda *a: arrow_reads.append(1) or real(*a))
+    back = list(iter_parquet_tensors(tmp_path / "c.parquet"))
+    assert bool(arrow_reads) == through_arrow
+    assert len(back) == 7 and all(torch.equal(a, b) for a, b in zip(rows, back))
+
+
+def test_damaged_page_structure_is_named_without_a_checksum(tmp_path):
+    rows = [torch.randn(8, 8) for _ in range(4)]
+    p = tmp_path / "c.parquet"
+    with ParquetTensorWriter(p, dtype=torch.float32, row_group_size=2) as w:
+        for r in rows:
+            w.append(r)
+    data = bytearray(p.read_bytes())
+    data[4:12] = b"\xff" * 8  # the first page header
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="c.parquet: row group 0 unreadable"):
+        list(iter_parquet_tensors(p, verify=False))
+    with pytest.raises(CorruptFileError, match="c.parquet: checksum mismatch"):
+        list(iter_parquet_tensors(p))

@@ -352,10 +352,10 @@ class TensorReader(SafetensorsFile):
 
 # --- Parquet activation caches -----------------------------------------------------------------------
 # One row per calibration sequence; column "hidden" holds the (seqlen × hidden) tensor as raw bytes of the
-# cache dtype (a large_binary column: one value per tensor, so a row group's data is one contiguous Arrow
-# buffer and each tensor is one memcpy out of it; a list<float16> column would cost a conversion per
-# element). Uncompressed, 8 sequences per row group, fp16 by default: chosen by bench/cache_bench.py
-# (docs/performance.md has the table and the reasons).
+# cache dtype (a large_binary column, PLAIN-encoded: one value per tensor, its bytes contiguous in the file,
+# so the reader in parquet_pages reads each straight into its tensor; a list<float16> column would cost a
+# conversion per element). Uncompressed, 8 sequences per row group, fp16 by default: chosen by
+# bench/cache_bench.py (docs/performance.md has the table and the reasons).
 
 _NUMPY_VIEW = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: np.uint16}
 
@@ -449,32 +449,102 @@ class _BackgroundChecksum:
         _compare_checksum(self.path, self.digest)
 
 
-def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[torch.Tensor]:
-    """Yields the tensors of a ParquetTensorWriter file in order, one row group in memory at a time.
-    The tensors are views of that row group's buffer: treat them as read-only (`.to()` or `.clone()`).
+class _OrderedHasher:
+    """XXH3-128 of byte blocks given in order, hashed on one worker thread (xxhash releases the GIL), so
+    the digest of a file read front to back costs no second pass and little time on the reading thread."""
 
-    With `verify`, the file's digest is checked against its sidecar in a background thread; a mismatch
-    raises CorruptFileError at the latest after the last tensor, before the generator finishes, so a stage
-    fails (and writes nothing) instead of finishing on corrupt data.
+    def __init__(self):
+        import concurrent.futures
+        import xxhash
+
+        self._digest = xxhash.xxh3_128()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._last = None
+        self._small = bytearray()  # page headers and length prefixes, batched: a task each would cost more
+
+    def __call__(self, block) -> None:
+        if len(block) < 65536:
+            self._small += memoryview(block).cast("B")
+            return
+        self._flush_small()
+        self._last = self._pool.submit(self._digest.update, block)
+
+    def _flush_small(self) -> None:
+        if self._small:
+            self._last = self._pool.submit(self._digest.update, bytes(self._small))
+            self._small = bytearray()
+
+    def hexdigest(self) -> str:
+        self._flush_small()
+        self._pool.shutdown(wait=True)
+        if self._last is not None:
+            self._last.result()
+        return self._digest.hexdigest()
+
+
+def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[torch.Tensor]:
+    """Yields the tensors of a ParquetTensorWriter file in order, one row group's worth in memory at a time.
+    Treat them as read-only: with `verify` they are still being hashed after they are yielded.
+
+    Uncompressed files (the default) are read page by page straight into each tensor's memory
+    (`parquet_pages`); other settings through Arrow. With `verify`, the file's digest is checked against its
+    sidecar; a mismatch raises CorruptFileError at the latest after the last tensor, before the generator
+    finishes, so a stage fails (and writes nothing) instead of finishing on corrupt data.
     """
     import pyarrow.parquet as pq
 
+    from . import parquet_pages
+
     path = Path(path)
-    checksum = None
     if verify:
         _require_checksum(path)
-        checksum = _BackgroundChecksum(path)
     try:
-        # not memory-mapped: touched pages of a mapping count as resident memory for the whole read, so a
-        # mapped 800 MiB layer file would add 800 MiB to the stage's peak RSS; buffered reads hold one row group
+        # not memory-mapped: touched pages of a mapping count as resident memory for the whole read
         pf = pq.ParquetFile(str(path), memory_map=False)
         meta = pf.schema_arrow.metadata or {}
         shape = tuple(json.loads(meta[b"sds.shape"]))
         dtype = getattr(torch, meta[b"sds.dtype"].decode().removeprefix("torch."))
+        parquet_pages.check_layout(pf)
+    except parquet_pages.Unsupported:
+        yield from _iter_parquet_through_arrow(path, pf, shape, dtype, verify)
+        return
     except Exception as exc:
-        if checksum is not None:
-            checksum.check()  # a damaged file is reported as such, not as a parse error
+        if verify:
+            verify_checksum(path)  # a damaged file is reported as such, not as a parse error
         raise CorruptFileError(f"{path}: not a readable activation cache ({exc}); {HOW_TO_RECREATE}") from None
+    hasher = _OrderedHasher() if verify else None
+    reader = parquet_pages.SequentialReader(path, hasher)
+    has_def_levels = pf.schema.column(0).max_definition_level > 0
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    try:
+        for group in range(pf.num_row_groups):
+            start, size = parquet_pages.chunk_range(pf, group)
+            try:
+                reader.skip_to(start)
+                lengths = parquet_pages.value_lengths(reader, start + size, has_def_levels,
+                                                      pf.metadata.row_group(group).num_rows)
+                for length in lengths:
+                    if length != nbytes:
+                        raise ValueError(f"a {length}-byte value where {shape} {dtype} needs {nbytes}")
+                    tensor = torch.empty(shape, dtype=dtype)
+                    reader.readinto(tensor.view(-1).view(torch.uint8).numpy())
+                    yield tensor
+            except (ValueError, IndexError, KeyError, parquet_pages.Unsupported) as exc:
+                if hasher is not None:
+                    reader.read_rest()
+                    _compare_checksum(path, hasher.hexdigest())
+                raise CorruptFileError(f"{path}: row group {group} unreadable ({exc}); {HOW_TO_RECREATE}") from None
+        if hasher is not None:
+            reader.read_rest()
+            _compare_checksum(path, hasher.hexdigest())
+    finally:
+        reader.close()
+
+
+def _iter_parquet_through_arrow(path: Path, pf, shape, dtype, verify: bool) -> Iterator[torch.Tensor]:
+    """iter_parquet_tensors for compressed (or otherwise non-default) caches: Arrow decodes each row group;
+    the tensors are views of its buffer."""
+    checksum = _BackgroundChecksum(path) if verify else None
     view = _NUMPY_VIEW[dtype]
     for group in range(pf.num_row_groups):
         try:
@@ -502,7 +572,3 @@ def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[t
         checksum.check()
 
 
-def parquet_rows(path: str | Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(str(path)).metadata.num_rows
