@@ -3,6 +3,8 @@
     .venv/bin/python bench/scale_bench.py --shape opt-125m --nsamples 128 --seqlen 2048      # the target
     .venv/bin/python bench/scale_bench.py --shape opt-125m --layers 2 --nsamples 8 --seqlen 512   # quick
     .venv/bin/python bench/scale_bench.py --curve          # small cost-curve table (nsamples, seqlen, hidden, depth)
+    .venv/bin/python bench/scale_bench.py --depth-check --nsamples 8 --seqlen 2048   # peak RSS, 6 vs 12 layers
+    .venv/bin/python bench/scale_bench.py --shape llama-7b-slice --nsamples 4 --seqlen 512 --solver-steps 2
 
 Speed and memory do not depend on whether weights are pretrained, so a random model of the real shape
 (OPTConfig of facebook/opt-125m; a 2-layer slice of a LLaMA-7B shape) measures them. Each stage runs as
@@ -149,16 +151,19 @@ def main() -> int:
     args = ap.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sds-scale-"))
     if args.curve:
-        print("cost curve (sparsegpt 2:4, SDS stages; seconds = sum of prune1+reconstruct+prune2)")
-        print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'seconds':>8s} {'peak MiB':>9s}")
-        for hidden, layers, n, s in [(256, 2, 4, 256), (256, 2, 8, 256), (256, 2, 4, 512), (512, 2, 4, 256),
-                                     (256, 4, 4, 256)]:
-            shape = dict(SHAPES["opt-125m"], hidden=hidden, ffn=4 * hidden, heads=hidden // 64, layers=layers,
-                         vocab=4096)
-            rows = run_pipeline(shape, n, s, "sparsegpt", "2:4", base / f"h{hidden}l{layers}n{n}s{s}")
-            core = [r for r in rows if r["stage"] in ("prune1", "reconstruct", "prune2")]
-            print(f"{hidden:6d} {layers:6d} {n:8d} {s:6d} {sum(r['seconds'] for r in core):8.1f} "
-                  f"{max(r['peak_rss_mib'] for r in rows):9.0f}", flush=True)
+        # One factor doubled at a time from a 1-layer OPT-125M-width base, large enough that each stage's
+        # own work (not the ~5 s of imports every stage process pays) dominates its time.
+        print("cost curve (sparsegpt 2:4, default solvers; seconds per stage, peak RSS over the SDS stages)")
+        print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'activ. s':>8s} {'prune1 s':>8s} "
+              f"{'recon. s':>8s} {'prune2 s':>8s} {'peak MiB':>9s}", flush=True)
+        for hidden, layers, n, s in [(768, 1, 4, 1024), (768, 1, 8, 1024), (768, 1, 4, 2048), (1536, 1, 4, 1024),
+                                     (768, 2, 4, 1024)]:
+            shape = dict(SHAPES["opt-125m"], hidden=hidden, ffn=4 * hidden, heads=hidden // 64, layers=layers)
+            rows = {r["stage"]: r for r in run_pipeline(shape, n, s, "sparsegpt", "2:4",
+                                                        base / f"h{hidden}l{layers}n{n}s{s}")}
+            print(f"{hidden:6d} {layers:6d} {n:8d} {s:6d} " + " ".join(
+                f"{rows[k]['seconds']:8.1f}" for k in ("activations", "prune1", "reconstruct", "prune2")) +
+                f" {max(rows[k]['peak_rss_mib'] for k in ('prune1', 'reconstruct', 'prune2')):9.0f}", flush=True)
         return 0
     if args.depth_check:
         # FISTA steps and the adjustment solver change time, not the per-layer working set, so they are cut
