@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--curve", action="store_true", help="cost-curve table on small shapes")
+    ap.add_argument("--curve-rows", nargs="+", metavar="HIDDEN:LAYERS:NSAMPLES:SEQLEN",
+                    help="with --curve: run only these rows (e.g. 1536:1:4:1024) instead of the default five")
     ap.add_argument("--depth-check", action="store_true",
                     help="peak RSS per stage for 6 vs 12 layers (solver steps cut to 5: memory, not time)")
     ap.add_argument("--solver-steps", type=int,
@@ -150,14 +152,22 @@ def main() -> int:
     ap.add_argument("--workdir")
     args = ap.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sds-scale-"))
+    if args.curve_rows and not args.curve:
+        ap.error("--curve-rows needs --curve")
+    try:
+        curve_rows = [tuple(int(x) for x in row.split(":")) for row in args.curve_rows] if args.curve_rows else \
+            [(768, 1, 4, 1024), (768, 1, 8, 1024), (768, 1, 4, 2048), (1536, 1, 4, 1024), (768, 2, 4, 1024)]
+    except ValueError:
+        ap.error("--curve-rows takes HIDDEN:LAYERS:NSAMPLES:SEQLEN, four integers, e.g. 1536:1:4:1024")
+    if any(len(row) != 4 or row[0] % 64 for row in curve_rows):
+        ap.error("--curve-rows takes HIDDEN:LAYERS:NSAMPLES:SEQLEN with HIDDEN a multiple of 64 (64-wide heads)")
     if args.curve:
         # One factor doubled at a time from a 1-layer OPT-125M-width base, large enough that each stage's
         # own work (not the ~5 s of imports every stage process pays) dominates its time.
         print("cost curve (sparsegpt 2:4, default solvers; seconds per stage, peak RSS over the SDS stages)")
         print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'activ. s':>8s} {'prune1 s':>8s} "
               f"{'recon. s':>8s} {'prune2 s':>8s} {'peak MiB':>9s}", flush=True)
-        for hidden, layers, n, s in [(768, 1, 4, 1024), (768, 1, 8, 1024), (768, 1, 4, 2048), (1536, 1, 4, 1024),
-                                     (768, 2, 4, 1024)]:
+        for hidden, layers, n, s in curve_rows:
             shape = dict(SHAPES["opt-125m"], hidden=hidden, ffn=4 * hidden, heads=hidden // 64, layers=layers)
             rows = {r["stage"]: r for r in run_pipeline(shape, n, s, "sparsegpt", "2:4",
                                                         base / f"h{hidden}l{layers}n{n}s{s}")}
