@@ -111,17 +111,6 @@ def test_saved_model_folder_is_verified_on_load(tmp_path):
         load_model(tmp_path)
 
 
-def test_stage_output_root_picks_the_whole_stage_output(tmp_path):
-    from sds.io import stage_output_root
-
-    r = tmp_path / "results" / "run"
-    assert stage_output_root(r / "w/2of4/d/sds/model/model.safetensors") == (r / "w/2of4/d/sds").resolve()
-    assert stage_output_root(r / "activations/dense/layer_000.parquet") == (r / "activations/dense").resolve()
-    assert stage_output_root(r / "w/2of4/prune1/stream/layer_001.parquet") == (r / "w/2of4/prune1").resolve()
-    assert stage_output_root(tmp_path / "results" / "model") is None  # a run named 'model' is not an output
-    assert stage_output_root(tmp_path / "my-model" / "model.safetensors") is None  # user files are never removed
-
-
 def test_streamed_safetensors_equal_a_whole_file_save(tmp_path):
     from safetensors.torch import load_file
 
@@ -170,43 +159,81 @@ def test_plain_safetensors_reader_matches_the_library_and_names_bad_files(tmp_pa
         SafetensorsFile(tmp_path / "bad.safetensors")
 
 
-def _cache_with_pyarrow(path, rows, **options):
+def _cache_with_pyarrow(path, rows, column_type="fixed", nullable=True, **options):
     """A cache file in ParquetTensorWriter's schema, written by pyarrow directly with other writer options."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"hidden": pa.array([r.numpy().tobytes() for r in rows], type=pa.large_binary())})
-    table = table.replace_schema_metadata({b"sds.shape": json.dumps(list(rows[0].shape)).encode(),
-                                           b"sds.dtype": b"torch.float32"})
-    pq.write_table(table, str(path), use_dictionary=False, write_statistics=False, **options)
     from sds.io import _write_checksum
 
+    values = [r.numpy().tobytes() for r in rows]
+    typ = {"fixed": pa.binary(len(values[0])), "large_binary": pa.large_binary(), "binary": pa.binary()}[column_type]
+    schema = pa.schema([pa.field("hidden", typ, nullable=nullable)],
+                       metadata={b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": b"torch.float32"})
+    pq.write_table(pa.table({"hidden": pa.array(values, type=typ)}, schema=schema), str(path), **options)
     _write_checksum(path)
 
 
-@pytest.mark.parametrize("options, through_arrow", [
-    ({"compression": "none", "row_group_size": 3}, False),
-    ({"compression": "none", "row_group_size": 3, "data_page_version": "2.0"}, False),
-    ({"compression": "none", "row_group_size": 2, "data_page_size": 64}, False),  # several values per chunk
-    ({"compression": "zstd", "row_group_size": 3}, True),
+@pytest.mark.parametrize("column_type, nullable, options", [
+    ("fixed", True, {"compression": "none", "row_group_size": 3}),
+    ("fixed", True, {"compression": "none", "row_group_size": 3, "write_statistics": True}),  # large min/max
+    ("fixed", True, {"compression": "none", "row_group_size": 4, "use_dictionary": True}),
+    ("fixed", False, {"compression": "none", "row_group_size": 3}),  # non-nullable: no definition levels
+    ("fixed", True, {"compression": "none", "row_group_size": 2, "data_page_size": 64}),  # a page per value
+    ("fixed", True, {"compression": "none", "row_group_size": 3, "data_page_version": "2.0"}),
+    ("fixed", True, {"compression": "zstd", "row_group_size": 3}),
+    ("fixed", True, {"compression": "none", "row_group_size": 3, "column_encoding": {"hidden": "BYTE_STREAM_SPLIT"},
+                     "use_dictionary": False}),
+    ("large_binary", True, {"compression": "none", "row_group_size": 3}),  # caches of earlier versions
+    ("binary", True, {"compression": "snappy", "row_group_size": 3, "write_statistics": True}),
 ])
-def test_uncompressed_caches_are_read_page_by_page_others_through_arrow(tmp_path, monkeypatch, options,
-                                                                        through_arrow):
-    import sds.io
-
+def test_caches_written_with_any_writer_settings_read_back_exactly(tmp_path, column_type, nullable, options):
+    """Arrow reads whatever a Parquet writer chose (encodings, statistics, page sizes, compression): a good
+    cache is never reported corrupt because of its layout."""
     rows = [torch.randn(6, 5) for _ in range(7)]
-    _cache_with_pyarrow(tmp_path / "c.parquet", rows, **options)
-    arrow_reads = []
-    real = sds.io._iter_parquet_through_arrow
-    monkeypatch.setattr(sds.io, "_iter_parquet_through_arrow", lambda *a: arrow_reads.append(1) or real(*a))
+    _cache_with_pyarrow(tmp_path / "c.parquet", rows, column_type, nullable, **options)
     back = list(iter_parquet_tensors(tmp_path / "c.parquet"))
-    assert bool(arrow_reads) == through_arrow
     assert len(back) == 7 and all(torch.equal(a, b) for a, b in zip(rows, back))
 
 
-def test_damaged_page_structure_is_named_without_a_checksum(tmp_path):
+def test_cached_tensors_view_arrows_buffer_without_copies(tmp_path):
+    """Each row group is decoded once into one buffer, and its tensors are views of it, back to back."""
+    rows = [torch.randn(4, 8) for _ in range(6)]
+    with ParquetTensorWriter(tmp_path / "c.parquet", dtype=torch.float32, row_group_size=3) as w:
+        for r in rows:
+            w.append(r)
+    back = list(iter_parquet_tensors(tmp_path / "c.parquet"))
+    nbytes = 4 * 8 * 4
+    for group in (back[:3], back[3:]):
+        starts = [t.data_ptr() for t in group]
+        assert [b - a for a, b in zip(starts, starts[1:])] == [nbytes, nbytes]
+        assert all(t.untyped_storage().data_ptr() == group[0].untyped_storage().data_ptr() for t in group)
+    assert all(torch.equal(a, b) for a, b in zip(rows, back))
+
+
+def test_cache_of_wrong_value_size_or_type_is_named(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sds.io import _write_checksum
+
+    p = tmp_path / "c.parquet"
+    meta = {b"sds.shape": json.dumps([4, 4]).encode(), b"sds.dtype": b"torch.float32"}
+    pq.write_table(pa.table({"hidden": pa.array([b"x" * 60], type=pa.binary(60))}).replace_schema_metadata(meta), p)
+    _write_checksum(p)
+    with pytest.raises(CorruptFileError, match=r"c.parquet: row group 0 unreadable \(60-byte values where"):
+        list(iter_parquet_tensors(p))
+    pq.write_table(pa.table({"hidden": pa.array([1.0])}).replace_schema_metadata(meta), p)
+    _write_checksum(p)
+    with pytest.raises(CorruptFileError, match="c.parquet: row group 0 unreadable .*expected binary values"):
+        list(iter_parquet_tensors(p))
+
+
+def test_damaged_cache_is_named_with_and_without_a_checksum(tmp_path):
     rows = [torch.randn(8, 8) for _ in range(4)]
     p = tmp_path / "c.parquet"
     with ParquetTensorWriter(p, dtype=torch.float32, row_group_size=2) as w:
@@ -219,3 +246,124 @@ def test_damaged_page_structure_is_named_without_a_checksum(tmp_path):
         list(iter_parquet_tensors(p, verify=False))
     with pytest.raises(CorruptFileError, match="c.parquet: checksum mismatch"):
         list(iter_parquet_tensors(p))
+    p.write_bytes(b"not parquet at all")
+    with pytest.raises(CorruptFileError, match="c.parquet: not a readable activation cache"):
+        list(iter_parquet_tensors(p, verify=False))
+
+
+# --- ownership records: what the pipeline may delete --------------------------------------------------------
+
+def test_only_outputs_this_run_recorded_are_discarded(tmp_path, monkeypatch):
+    """A corrupt file is discarded with the whole output holding it only when that output's record names
+    its own place inside the run's folder; names of folders play no part."""
+    import os
+    import shutil
+
+    from sds.io import OUTPUT_RECORD, discard_stage_output, recorded_output
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "results" / "exp1"
+    with atomic_dir(run / "activations" / "dense") as tmp:
+        save_tensors(tmp / "layer_000.safetensors", {"x": torch.zeros(2)})
+    with atomic_path(run / "calibration.parquet", checksum=True, record=True) as tmp:
+        tmp.write_bytes(b"ids")
+    # a user's checkpoint folder named like an output, inside the run's folder: no record
+    user = run / "model"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"truncated")
+    # a copy of an output (its record names the original) and another run's output
+    shutil.copytree(run / "activations" / "dense", run / "backup" / "dense")
+    with atomic_dir(tmp_path / "results" / "other" / "sds") as tmp:
+        (tmp / "w.safetensors").write_bytes(b"w")
+    # a user's folder linked into the run's folder
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"w")
+    os.symlink(elsewhere, run / "linked")
+
+    for foreign in (user / "model.safetensors", run / "backup" / "dense" / "layer_000.safetensors",
+                    tmp_path / "results" / "other" / "sds" / "w.safetensors", run / "linked" / "model.safetensors",
+                    run / "nothing-here.parquet"):
+        assert recorded_output(foreign, run) is None, foreign
+        assert discard_stage_output(foreign, run) is None
+    assert (user / "model.safetensors").read_bytes() == b"truncated"
+    assert (run / "backup" / "dense" / OUTPUT_RECORD).is_file() and (elsewhere / "model.safetensors").is_file()
+    assert (tmp_path / "results" / "other" / "sds" / "w.safetensors").is_file()
+
+    layer = run / "activations" / "dense" / "layer_000.safetensors"
+    assert discard_stage_output(layer, run) == (run / "activations" / "dense").resolve()
+    assert not (run / "activations" / "dense").exists() and (run / "activations").is_dir()
+    assert discard_stage_output(run / "calibration.parquet", run) == (run / "calibration.parquet").resolve()
+    assert sorted(p.name for p in run.iterdir()) == ["activations", "backup", "linked", "model"]
+
+
+def test_records_survive_moving_the_whole_project(tmp_path, monkeypatch):
+    from sds.io import recorded_output
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with atomic_dir("results/r/prune1") as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"w")
+    (tmp_path / "a").rename(tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    assert recorded_output("results/r/prune1/weights.safetensors", "results/r") == (tmp_path / "b/results/r/prune1")
+
+
+def test_atomic_dir_replaces_only_its_own_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with atomic_dir("out") as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_dir("out") as tmp:  # its own earlier output: replaced
+        (tmp / "a").write_text("2")
+    assert (tmp_path / "out" / "a").read_text() == "2"
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep").write_text("mine")
+    ran = []
+    with pytest.raises(FileExistsError, match="not an output this pipeline wrote there .*: .user."):
+        with atomic_dir("user"):
+            ran.append(1)
+    assert not ran, "refused before any work"
+    assert (tmp_path / "user" / "keep").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "user"]
+
+
+# --- failed writes: the output file is named, nothing is left ---------------------------------------------
+
+_WRITE_UNDER_LIMIT = """
+import resource, sys, torch
+sys.path.insert(0, {src!r})
+from sds.io import ParquetTensorWriter, SafetensorsStreamWriter, atomic_dir, save_tensors
+out = {out!r}
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+kind = sys.argv[1]
+try:
+    if kind == "parquet":
+        with ParquetTensorWriter(out + "/c.parquet", dtype=torch.float32, row_group_size=2) as w:
+            for _ in range(8):
+                w.append(torch.randn(64, 64))
+    elif kind == "stream":
+        with SafetensorsStreamWriter(out + "/s.safetensors", {{"a": (torch.float32, (128, 256))}}) as w:
+            w.write("a", torch.randn(128, 256))
+    elif kind == "dir":
+        with atomic_dir(out + "/stage") as tmp:
+            save_tensors(tmp / "w.safetensors", {{"a": torch.randn(128, 256)}})
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+
+
+@pytest.mark.parametrize("kind, named", [("parquet", "c.parquet"), ("stream", "s.safetensors"),
+                                         ("dir", "stage/w.safetensors")])
+def test_write_over_the_file_size_limit_names_the_output_and_leaves_nothing(tmp_path, kind, named):
+    import errno
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = _WRITE_UNDER_LIMIT.format(src=str(ROOT / "src"), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    code, filename = proc.stdout.split()
+    assert int(code) == errno.EFBIG and filename == str(tmp_path / named)
+    assert list(tmp_path.iterdir()) == [], "the temporary was removed"

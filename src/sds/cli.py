@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from .layerwise import NumericalError
     from .model import ModelError
 
+    config = None
     try:
         if args.stage == "sync":
             from .tracking import sync_pending
@@ -69,15 +71,55 @@ def main(argv: list[str] | None = None) -> int:
         getattr(stages, args.stage)(config, **_parse_pairs(args.pairs))
         return 0
     except CorruptFileError as exc:
-        from .io import discard_stage_output
-
-        removed = discard_stage_output(exc.path) if exc.path else None
-        note = f" Removed {removed} so that the next `snakemake` run re-creates it." if removed else ""
-        print(f"sds {args.stage}: error: {exc}.{note}", file=sys.stderr)
-        return 1
+        return _fail(args.stage, _corrupt_file_message(exc, config))
     except (ConfigError, ModelError, DataError, NumericalError, FloatingPointError, FileNotFoundError) as exc:
-        print(f"sds {args.stage}: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args.stage, str(exc))
+    except OSError as exc:
+        message = _write_error_message(exc)
+        if message is None:
+            raise
+        return _fail(args.stage, message)
+
+
+def _fail(stage: str, message: str) -> int:
+    """Prints the error as one line (messages quoted from libraries may span several) and returns 1."""
+    print(f"sds {stage}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _corrupt_file_message(exc, config: dict) -> str:
+    """The error, and what was done about it: the output of this run holding the file is deleted (so the
+    next `snakemake` run re-creates it) only if the run's own record says it wrote it (sds.io.recorded_output);
+    a user's file, a copy or another run's output is left alone."""
+    from pathlib import Path
+
+    from .io import HOW_TO_RECREATE, discard_stage_output
+
+    reason = str(exc).removesuffix(f"; {HOW_TO_RECREATE}")
+    # results/<run>/ below the working directory: where the Snakefile puts this run's outputs
+    removed = discard_stage_output(exc.path, Path("results") / config["run"]) if exc.path and config else None
+    if removed is not None:
+        return (f"{reason}. Removed {os.path.relpath(removed)} (an output this run wrote) so that the next "
+                "`snakemake` run re-creates it.")
+    return (f"{reason}. Nothing was deleted: no output this run recorded as its own holds "
+            f"{'it' if exc.path is None else exc.path}; restore or replace it.")
+
+
+def _write_error_message(exc: OSError) -> str | None:
+    """One line for a failed write (disk full, file-size limit, read-only or foreign folder), or None for
+    other errors. The atomic writes (sds.io) have removed their temporaries and named the output file."""
+    import errno
+
+    from .io import WRITE_ERRNOS
+
+    if exc.errno == errno.EEXIST and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    remedy = ("make room and re-run" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+              else "make it writable and re-run")
+    return (f"cannot write {exc.filename or 'an output file'}: {exc.strerror or os.strerror(exc.errno)} "
+            f"(nothing half-written is left: {remedy})")
 
 
 if __name__ == "__main__":

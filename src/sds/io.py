@@ -1,14 +1,24 @@
-"""File I/O for stage outputs: every write goes to a temporary name in the same folder and is renamed
-into place, so a file is complete or absent. Each tensor file records its XXH3-128 digest in a sidecar
-`<file>.xxh3`, checked on read, so a truncated or altered file is named instead of silently used. The
-digest guards against truncation and corruption, not tampering; XXH3 runs at ~10 GB/s on one core where
-SHA-256 manages ~1.3, so verification does not bound the activation-cache read rate (bench/cache_bench.py).
+"""File I/O for stage outputs.
+
+- Atomic: every write goes to a temporary name in the same folder and is renamed into place, so a file
+  or folder is complete or absent. A write that fails (disk full, file-size limit, read-only folder)
+  removes its temporary and raises an OSError naming the output file, not the temporary.
+- Checksummed: each tensor file records its XXH3-128 digest in a sidecar `<file>.xxh3`, written before
+  the file is renamed into place and checked on read, so a truncated or altered file is named instead of
+  silently used. The digest guards against truncation and corruption, not tampering (XXH3 runs at
+  ~10 GB/s on one core where SHA-256 manages ~1.3).
+- Owned: every output committed through `atomic_dir` carries a record, `.sds-output`, naming the place
+  it was committed to (see `recorded_output`). Only an output whose record names its own place inside
+  the run's folder is ever deleted by the pipeline; anything else (a user's model, a copy, another
+  run's output) is named and left alone.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -27,37 +37,110 @@ class CorruptFileError(RuntimeError):
         self.path = Path(path) if path is not None else (Path(message.split(":", 1)[0]) if ":" in message else None)
 
 
-# Names of the outputs stages write under results/<run>/ (files or folders). A corrupt file inside one
-# means that whole output must be re-created.
-STAGE_OUTPUT_NAMES = {"corpus", "model", "calibration.parquet", "dense", "prune1", "prune1_adjust", "reconstruct",
-                      "sds", "tasks"}
-
-
-def stage_output_root(path: str | Path) -> Path | None:
-    """The stage output (under a results/ folder) that contains `path`, or None (e.g. a user's model)."""
-    path = Path(path).resolve()
-    found = None
-    for candidate in (path, *path.parents):
-        # below results/<run>/ only; the outermost match wins (sds/model/x → sds)
-        if candidate.name in STAGE_OUTPUT_NAMES and "results" in candidate.parts[:-2]:
-            found = candidate
-    return found
-
-
-def discard_stage_output(path: str | Path) -> Path | None:
-    """Deletes the stage output holding a corrupt file so that the next Snakemake run re-creates it."""
-    root = stage_output_root(path)
-    if root is None or not root.exists():
-        return None
-    if root.is_dir():
-        shutil.rmtree(root)
-    else:
-        root.unlink()
-        _sidecar(root).unlink(missing_ok=True)
-    return root
-
-
 HOW_TO_RECREATE = "delete it and re-run snakemake, which re-creates it"
+
+
+# --- ownership records ------------------------------------------------------------------------------------
+# Why a record inside each output rather than a ledger under results/<run>/: the record is written into
+# the temporary folder before the rename that commits the output, so it exists exactly when the commit
+# happened (a ledger entry and its output could disagree after a kill between the two writes, and a shared
+# ledger file needs locking between parallel jobs, which shared cluster filesystems do poorly). It names
+# the output's path relative to the working directory the stage ran in (Snakemake's `-d`), so a project
+# moved as a whole keeps its records valid while a folder copied or moved elsewhere (say a released
+# `sds/model` copied next to a user's own checkpoints) no longer matches its record and is never deleted.
+
+OUTPUT_RECORD = ".sds-output"
+
+
+def _record_file(output: Path, *, is_dir: bool) -> Path:
+    return output / OUTPUT_RECORD if is_dir else output.with_name(output.name + OUTPUT_RECORD)
+
+
+def _record_text(final: Path) -> str:
+    return json.dumps({"output": os.path.relpath(os.path.abspath(final))}) + "\n"
+
+
+def _is_recorded(output: Path) -> bool:
+    """True if `output` (a resolved path) holds a record naming this very place."""
+    try:
+        named = json.loads(_record_file(output, is_dir=output.is_dir()).read_text())["output"]
+        return Path(named).resolve() == output
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def recorded_output(path: str | Path, run_dir: str | Path) -> Path | None:
+    """The pipeline output holding `path` (the file itself or a folder above it, below `run_dir`) whose
+    record names its current place, or None. Symlinks are resolved first, so a user's folder linked into
+    the run's folder lies outside it."""
+    run_dir, path = Path(run_dir).resolve(), Path(path).resolve()
+    for candidate in (path, *path.parents):
+        if run_dir not in candidate.parents:
+            return None
+        if _is_recorded(candidate):
+            return candidate
+    return None
+
+
+def discard_stage_output(path: str | Path, run_dir: str | Path) -> Path | None:
+    """Deletes the output of this run that holds a corrupt file (see `recorded_output`), so that the next
+    Snakemake run re-creates it; returns what was deleted, or None when nothing here is the run's own."""
+    output = recorded_output(path, run_dir)
+    if output is None:
+        return None
+    if output.is_dir():
+        shutil.rmtree(output)
+    else:
+        for f in (output, _sidecar(output), _record_file(output, is_dir=False)):
+            f.unlink(missing_ok=True)
+    return output
+
+
+# --- atomic writes ----------------------------------------------------------------------------------------
+
+# errors of a write that the CLI reports in one line (file named, nothing left behind) instead of a traceback
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _temporary_for(final: Path, name: Path) -> Path | None:
+    """The temporary (file or folder) of a write of `final` that `name` is or lies in, or None."""
+    for candidate in (name, *name.parents):
+        if (candidate.parent == final.parent and candidate.name.startswith(f".{final.name}.")
+                and candidate.name.endswith(".tmp")):
+            return candidate
+    return None
+
+
+def _write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one quoted by a Rust library's I/O error
+    (safetensors, tokenizers: "... (os error 28)"), if it is one of WRITE_ERRNOS."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and not isinstance(exc, OSError):
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in WRITE_ERRNOS else None
+
+
+@contextlib.contextmanager
+def _naming(final: Path) -> Iterator[None]:
+    """Re-raises a write error (WRITE_ERRNOS) met while writing `final` through its temporary as an OSError
+    with the name the file will have: the temporary's name means nothing to the user and is removed
+    afterwards."""
+    try:
+        yield
+    except Exception as exc:
+        code = _write_errno(exc)
+        if code is None:
+            raise
+        target = final
+        filename = getattr(exc, "filename", None)
+        if filename:
+            name = Path(filename)
+            temporary = _temporary_for(final, name)
+            if temporary is None:
+                raise  # names a real file (e.g. the folder that could not be created)
+            target = final / name.relative_to(temporary)
+        raise OSError(code, os.strerror(code), str(target)) from exc
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -70,39 +153,81 @@ def remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+class _TempFile:
+    """A temporary file beside `path`; `commit` renames it onto `path` (after writing its checksum sidecar
+    and before its ownership record), `discard` removes it. OSErrors name `path`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with _naming(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def naming(self):
+        return _naming(self.path)
+
+    def commit(self, *, checksum: bool = False, record: bool = False) -> None:
+        with self.naming():
+            if checksum:  # sidecar first: a kill between the two leaves no unverifiable file
+                with atomic_path(_sidecar(self.path)) as side:
+                    side.write_text(file_digest(self.tmp) + "\n")
+            os.replace(self.tmp, self.path)
+            if record:  # after the rename: a kill in between leaves an output without a record (never deleted)
+                with atomic_path(_record_file(self.path, is_dir=False)) as rec:
+                    rec.write_text(_record_text(self.path))
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+def atomic_path(path: str | Path, *, checksum: bool = False, record: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
+    `checksum`: also write its XXH3 sidecar; `record`: also its ownership record (a stage's own output)."""
+    temp = _TempFile(path)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with temp.naming():
+            yield temp.tmp
+        temp.commit(checksum=checksum, record=record)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        temp.discard()
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Like atomic_path for a directory: built under a temporary name, renamed when complete."""
+    """Like atomic_path for a directory: built under a temporary name, renamed when complete, with its
+    ownership record inside. An existing folder at `path` is replaced only if it is empty or is this
+    pipeline's own output (its record names it); anything else is refused before any work."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _refuse_to_replace_foreign(path)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _naming(path):
+            yield tmp
+            (tmp / OUTPUT_RECORD).write_text(_record_text(path))
+            _refuse_to_replace_foreign(path)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
+
+def _refuse_to_replace_foreign(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not (path.is_dir() and (not any(path.iterdir())
+                                                                      or _is_recorded(path.resolve())))):
+        raise FileExistsError(errno.EEXIST, "exists and is not an output this pipeline wrote there (no "
+                              f"{OUTPUT_RECORD} record naming it), so it is not replaced", str(path))
+
+
+# --- checksums ----------------------------------------------------------------------------------------------
 
 CHECKSUM_SUFFIX = ".xxh3"
 
@@ -123,6 +248,7 @@ def _sidecar(path: Path) -> Path:
 
 
 def _write_checksum(path: Path) -> None:
+    """The sidecar of a file already in place (inside an output folder still being built)."""
     with atomic_path(_sidecar(path)) as tmp:
         tmp.write_text(file_digest(path) + "\n")
 
@@ -183,12 +309,13 @@ def write_text(path: str | Path, text: str) -> None:
 # --- safetensors checkpoints -------------------------------------------------------------------------
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _write_checksum(path)
+    """A safetensors file of `tensors` (with its checksum sidecar). Written by SafetensorsStreamWriter, not
+    safetensors' save_file: that one orders the metadata as a hash map does, differently in each process,
+    so the same tensors gave files (and digests) that differ from run to run."""
+    with SafetensorsStreamWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in sorted(tensors.items())},
+                                 metadata) as writer:
+        for name, tensor in sorted(tensors.items()):
+            writer.write(name, tensor)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -231,7 +358,7 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self._order = list(specs)
         self._specs = {k: (dtype, tuple(int(d) for d in shape)) for k, (dtype, shape) in specs.items()}
-        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        header, offset = {"__metadata__": {"format": "pt", **dict(sorted((metadata or {}).items()))}}, 0
         for name, (dtype, shape) in self._specs.items():
             size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
@@ -239,11 +366,10 @@ class SafetensorsStreamWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp, self._fh, self._next = Path(tmp), os.fdopen(fd, "wb"), 0
-        self._fh.write(len(raw).to_bytes(8, "little") + raw)
+        self._temp, self._next = _TempFile(self.path), 0
+        self._fh = open(self._temp.tmp, "wb")
+        with self._temp.naming():
+            self._fh.write(len(raw).to_bytes(8, "little") + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or name != self._order[self._next]:
@@ -254,7 +380,8 @@ class SafetensorsStreamWriter:
             raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"declared {dtype} {shape}")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        with self._temp.naming():
+            self._fh.write(memoryview(data))
         self._next += 1
 
     def close(self) -> None:
@@ -263,13 +390,17 @@ class SafetensorsStreamWriter:
         if self._next != len(self._order):
             self.abort()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
-        self._fh.close()
-        os.replace(self._tmp, self.path)
-        _write_checksum(self.path)
+        try:
+            with self._temp.naming():
+                self._fh.close()  # flushes: a full disk may show only here
+            self._temp.commit(checksum=True)
+        finally:
+            self._temp.discard()
 
     def abort(self) -> None:
-        self._fh.close()
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error being handled is the one to report
+            self._fh.close()
+        self._temp.discard()
 
     def __enter__(self):
         return self
@@ -351,39 +482,42 @@ class TensorReader(SafetensorsFile):
 
 
 # --- Parquet activation caches -----------------------------------------------------------------------
-# One row per calibration sequence; column "hidden" holds the (seqlen × hidden) tensor as raw bytes of the
-# cache dtype (a large_binary column, PLAIN-encoded: one value per tensor, its bytes contiguous in the file,
-# so the reader in parquet_pages reads each straight into its tensor; a list<float16> column would cost a
-# conversion per element). Uncompressed, 8 sequences per row group, fp16 by default: chosen by
-# bench/cache_bench.py (docs/performance.md has the table and the reasons).
+# One row per calibration sequence; column "hidden" holds the (seqlen × hidden) tensor as the raw bytes of
+# the cache dtype in a fixed_size_binary column (Parquet FIXED_LEN_BYTE_ARRAY, PLAIN): a row group's values
+# are one contiguous Arrow buffer after decoding, viewed as a (rows × seqlen × hidden) tensor without a
+# copy; a list<float16> column would convert per element. Uncompressed, 8 sequences per row group, fp16 by
+# default: chosen by bench/cache_bench.py (docs/performance.md has the figures and the reasons). Caches
+# written before (a large_binary column) are read the same way.
 
 _NUMPY_VIEW = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: np.uint16}
 
 
 class ParquetTensorWriter:
-    """Streams same-shaped tensors into a Parquet file, one row each, written atomically on close."""
+    """Streams same-shaped tensors into a Parquet file, one row each, written atomically (with its checksum
+    sidecar) on close. Each appended tensor is copied once, into the pending row group's buffer."""
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, row_group_size: int, compression: str = "none"):
         self.path = Path(path)
         self.dtype = dtype
         self.row_group_size = row_group_size
         self.compression = compression
-        self._ctx = atomic_path(self.path)
-        self._tmp = self._ctx.__enter__()
+        self._temp = _TempFile(self.path)
         self._writer = None
-        self._pending: list[bytes] = []
-        self._shape = None
+        self._block: torch.Tensor | None = None  # the pending row group, (row_group_size, *shape)
+        self._pending = 0
         self.rows = 0
 
     def append(self, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
-        if self._shape is None:
-            self._shape = tuple(tensor.shape)
-        elif tuple(tensor.shape) != self._shape:
-            raise ValueError(f"{self.path}: tensor shape {tuple(tensor.shape)} differs from {self._shape}")
-        self._pending.append(tensor.view(torch.uint8).numpy().tobytes())
+        tensor = tensor.detach()
+        if self._block is None:
+            self._block = torch.empty((self.row_group_size, *tensor.shape), dtype=self.dtype)
+        elif tuple(tensor.shape) != tuple(self._block.shape[1:]):
+            raise ValueError(f"{self.path}: tensor shape {tuple(tensor.shape)} differs from "
+                             f"{tuple(self._block.shape[1:])}")
+        self._block[self._pending].copy_(tensor)  # converts to the cache dtype (and from any device)
+        self._pending += 1
         self.rows += 1
-        if len(self._pending) >= self.row_group_size:
+        if self._pending == self.row_group_size:
             self._flush()
 
     def _flush(self) -> None:
@@ -392,28 +526,36 @@ class ParquetTensorWriter:
 
         if not self._pending:
             return
-        table = pa.table({"hidden": pa.array(self._pending, type=pa.large_binary())})
-        meta = {b"sds.shape": json.dumps(self._shape).encode(), b"sds.dtype": str(self.dtype).encode()}
-        table = table.replace_schema_metadata(meta)
-        if self._writer is None:
-            # PLAIN encoding: dictionary encoding of unique float blobs only costs time
-            self._writer = pq.ParquetWriter(str(self._tmp), table.schema, compression=self.compression,
-                                            use_dictionary=False, write_statistics=False)
-        self._writer.write_table(table, row_group_size=len(self._pending))
-        self._pending = []
+        shape = tuple(self._block.shape[1:])
+        rows = self._block[:self._pending].view(torch.uint8).numpy()
+        width = rows.size // self._pending
+        values = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), self._pending, [None, pa.py_buffer(rows)])
+        table = pa.table({"hidden": values}).replace_schema_metadata(
+            {b"sds.shape": json.dumps(shape).encode(), b"sds.dtype": str(self.dtype).encode()})
+        with self._temp.naming():
+            if self._writer is None:
+                # PLAIN, no statistics: dictionary encoding or min/max of unique float blobs only cost time
+                self._writer = pq.ParquetWriter(str(self._temp.tmp), table.schema, compression=self.compression,
+                                                use_dictionary=False, write_statistics=False)
+            self._writer.write_table(table, row_group_size=self._pending)
+        self._pending = 0
 
     def close(self) -> None:
-        self._flush()
-        if self._writer is None:
-            raise ValueError(f"{self.path}: no rows written")
-        self._writer.close()
-        self._ctx.__exit__(None, None, None)
-        _write_checksum(self.path)
+        try:
+            self._flush()
+            if self._writer is None:
+                raise ValueError(f"{self.path}: no rows written")
+            with self._temp.naming():
+                self._writer.close()
+            self._temp.commit(checksum=True)
+        finally:
+            self._temp.discard()
 
     def abort(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-        self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            with contextlib.suppress(Exception):  # the error being handled is the one to report
+                self._writer.close()
+        self._temp.discard()
 
     def __enter__(self):
         return self
@@ -428,7 +570,7 @@ class ParquetTensorWriter:
 
 class _BackgroundChecksum:
     """The file's digest computed in a thread (xxhash releases the GIL) while the caller parses it, so
-    verification overlaps the read instead of costing a second pass before it."""
+    verification overlaps the read instead of costing a pass before it."""
 
     def __init__(self, path: Path):
         import threading
@@ -449,126 +591,87 @@ class _BackgroundChecksum:
         _compare_checksum(self.path, self.digest)
 
 
-class _OrderedHasher:
-    """XXH3-128 of byte blocks given in order, hashed on one worker thread (xxhash releases the GIL), so
-    the digest of a file read front to back costs no second pass and little time on the reading thread."""
+def _cache_layout(pf) -> tuple[tuple[int, ...], torch.dtype]:
+    meta = pf.schema_arrow.metadata or {}
+    shape = tuple(int(d) for d in json.loads(meta[b"sds.shape"]))
+    dtype = getattr(torch, meta[b"sds.dtype"].decode().removeprefix("torch."))
+    if dtype not in _NUMPY_VIEW:
+        raise ValueError(f"cache dtype {dtype} is not one the pipeline writes")
+    return shape, dtype
 
-    def __init__(self):
-        import concurrent.futures
-        import xxhash
 
-        self._digest = xxhash.xxh3_128()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._last = None
-        self._small = bytearray()  # page headers and length prefixes, batched: a task each would cost more
+def _chunk_tensors(chunk, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The values of one Arrow chunk of the "hidden" column as a (rows, *shape) tensor viewing Arrow's
+    buffer (no copy; the tensor keeps the buffer alive). Every value must have the tensor's byte size, so
+    the values lie back to back in the buffer, whether the column is fixed-size or (large_)binary."""
+    import pyarrow as pa
 
-    def __call__(self, block) -> None:
-        if len(block) < 65536:
-            self._small += memoryview(block).cast("B")
-            return
-        self._flush_small()
-        self._last = self._pool.submit(self._digest.update, block)
-
-    def _flush_small(self) -> None:
-        if self._small:
-            self._last = self._pool.submit(self._digest.update, bytes(self._small))
-            self._small = bytearray()
-
-    def hexdigest(self) -> str:
-        self._flush_small()
-        self._pool.shutdown(wait=True)
-        if self._last is not None:
-            self._last.result()
-        return self._digest.hexdigest()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    rows = len(chunk)
+    if chunk.null_count:
+        raise ValueError(f"{chunk.null_count} null values")
+    if pa.types.is_fixed_size_binary(chunk.type):
+        if chunk.type.byte_width != nbytes:
+            raise ValueError(f"{chunk.type.byte_width}-byte values where {shape} {dtype} needs {nbytes}")
+        start = chunk.offset * nbytes
+        data = chunk.buffers()[1]
+    elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type)[chunk.offset:chunk.offset + rows + 1]
+        if rows and not (np.diff(offsets) == nbytes).all():
+            raise ValueError(f"values of other sizes than the {nbytes} bytes {shape} {dtype} needs")
+        start = int(offsets[0]) if rows else 0
+        data = chunk.buffers()[2]
+    else:
+        raise ValueError(f"column type {chunk.type}, expected binary values")
+    values = np.frombuffer(data, dtype=np.uint8, count=rows * nbytes, offset=start) if rows else \
+        np.empty(0, dtype=np.uint8)
+    # Arrow buffers are read-only, which torch only warns about: callers never write to cached tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        block = torch.from_numpy(values.view(_NUMPY_VIEW[dtype]))
+    if dtype == torch.bfloat16:
+        block = block.view(torch.bfloat16)
+    return block.view(rows, *shape)
 
 
 def iter_parquet_tensors(path: str | Path, *, verify: bool = True) -> Iterator[torch.Tensor]:
-    """Yields the tensors of a ParquetTensorWriter file in order, one row group's worth in memory at a time.
-    Treat them as read-only: with `verify` they are still being hashed after they are yielded.
+    """Yields the tensors of a ParquetTensorWriter file in order, one row group's worth in memory at a time,
+    read through Arrow (any writer settings: compression, encodings, statistics, page sizes). The tensors
+    view Arrow's buffers: treat them as read-only.
 
-    Uncompressed files (the default) are read page by page straight into each tensor's memory
-    (`parquet_pages`); other settings through Arrow. With `verify`, the file's digest is checked against its
-    sidecar; a mismatch raises CorruptFileError at the latest after the last tensor, before the generator
-    finishes, so a stage fails (and writes nothing) instead of finishing on corrupt data.
+    With `verify`, the file's digest is computed in a background thread while the row groups are decoded
+    and checked against its sidecar; a mismatch raises CorruptFileError at the latest after the last
+    tensor, before the generator finishes, so a stage fails (and writes nothing) instead of finishing on
+    corrupt data. A file that Arrow cannot parse is reported as a checksum mismatch when its digest
+    differs (it was damaged), else as unreadable.
     """
     import pyarrow.parquet as pq
-
-    from . import parquet_pages
 
     path = Path(path)
     if verify:
         _require_checksum(path)
+    checksum = _BackgroundChecksum(path) if verify else None
+
+    def unreadable(what: str, exc: Exception) -> CorruptFileError:
+        if checksum is not None:
+            checksum.check()  # raises the mismatch if the file was damaged
+        return CorruptFileError(f"{path}: {what} ({exc}); {HOW_TO_RECREATE}", path)
+
     try:
         # not memory-mapped: touched pages of a mapping count as resident memory for the whole read
         pf = pq.ParquetFile(str(path), memory_map=False)
-        meta = pf.schema_arrow.metadata or {}
-        shape = tuple(json.loads(meta[b"sds.shape"]))
-        dtype = getattr(torch, meta[b"sds.dtype"].decode().removeprefix("torch."))
-        parquet_pages.check_layout(pf)
-    except parquet_pages.Unsupported:
-        yield from _iter_parquet_through_arrow(path, pf, shape, dtype, verify)
-        return
-    except Exception as exc:
-        if verify:
-            verify_checksum(path)  # a damaged file is reported as such, not as a parse error
-        raise CorruptFileError(f"{path}: not a readable activation cache ({exc}); {HOW_TO_RECREATE}") from None
-    hasher = _OrderedHasher() if verify else None
-    reader = parquet_pages.SequentialReader(path, hasher)
-    has_def_levels = pf.schema.column(0).max_definition_level > 0
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    try:
-        for group in range(pf.num_row_groups):
-            start, size = parquet_pages.chunk_range(pf, group)
-            try:
-                reader.skip_to(start)
-                lengths = parquet_pages.value_lengths(reader, start + size, has_def_levels,
-                                                      pf.metadata.row_group(group).num_rows)
-                for length in lengths:
-                    if length != nbytes:
-                        raise ValueError(f"a {length}-byte value where {shape} {dtype} needs {nbytes}")
-                    tensor = torch.empty(shape, dtype=dtype)
-                    reader.readinto(tensor.view(-1).view(torch.uint8).numpy())
-                    yield tensor
-            except (ValueError, IndexError, KeyError, parquet_pages.Unsupported) as exc:
-                if hasher is not None:
-                    reader.read_rest()
-                    _compare_checksum(path, hasher.hexdigest())
-                raise CorruptFileError(f"{path}: row group {group} unreadable ({exc}); {HOW_TO_RECREATE}") from None
-        if hasher is not None:
-            reader.read_rest()
-            _compare_checksum(path, hasher.hexdigest())
-    finally:
-        reader.close()
-
-
-def _iter_parquet_through_arrow(path: Path, pf, shape, dtype, verify: bool) -> Iterator[torch.Tensor]:
-    """iter_parquet_tensors for compressed (or otherwise non-default) caches: Arrow decodes each row group;
-    the tensors are views of its buffer."""
-    checksum = _BackgroundChecksum(path) if verify else None
-    view = _NUMPY_VIEW[dtype]
+        shape, dtype = _cache_layout(pf)
+    except Exception as exc:  # Arrow's errors, a missing or malformed layout entry
+        raise unreadable("not a readable activation cache", exc) from None
     for group in range(pf.num_row_groups):
         try:
             column = pf.read_row_group(group, columns=["hidden"]).column(0)
+            blocks = [_chunk_tensors(chunk, shape, dtype) for chunk in column.chunks]
         except Exception as exc:
-            if checksum is not None:
-                checksum.check()
-            raise CorruptFileError(f"{path}: row group {group} unreadable ({exc}); {HOW_TO_RECREATE}") from None
-        for chunk in column.chunks:
-            _, offsets_buf, data_buf = chunk.buffers()
-            offset_type = np.int64 if str(chunk.type) == "large_binary" else np.int32
-            offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
-            data = np.frombuffer(data_buf, dtype=np.uint8)
-            for r in range(len(chunk)):
-                # a view of the row group's Arrow buffer (no copy; the tensor keeps the buffer alive).
-                # Arrow marks it read-only, which torch only warns about: callers never write to it.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    tensor = torch.from_numpy(data[offsets[r]:offsets[r + 1]].view(view))
-                if dtype == torch.bfloat16:
-                    tensor = tensor.view(torch.bfloat16)
-                yield tensor.view(shape)
+            raise unreadable(f"row group {group} unreadable", exc) from None
         del column
+        for block in blocks:
+            yield from block.unbind(0)
     if checksum is not None:
         checksum.check()
-
-

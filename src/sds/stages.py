@@ -285,7 +285,7 @@ def calibration(config: dict, model_dir: str, corpus_dir: str | None, out: str) 
     from transformers import AutoTokenizer
 
     from .data import read_text_source, sample_windows, tokenize
-    from .io import atomic_path, _write_checksum
+    from .io import atomic_path
 
     setup(config)
     cal = config["calibration"]
@@ -295,9 +295,8 @@ def calibration(config: dict, model_dir: str, corpus_dir: str | None, out: str) 
     ids = tokenize(tokenizer, text)
     windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
     table = pa.table({"input_ids": pa.array(windows.to(torch.int32).tolist(), type=pa.list_(pa.int32()))})
-    with atomic_path(out) as tmp:
+    with atomic_path(out, checksum=True, record=True) as tmp:  # record: the CLI may delete it if corrupt
         pq.write_table(table, str(tmp))
-    _write_checksum(Path(out))
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
     _track(config, "calibration", params=cal, metrics={"source_tokens": ids.numel()})
 
