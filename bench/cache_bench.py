@@ -1,19 +1,29 @@
-"""Activation-cache format benchmark: the Parquet settings behind `activations.*`, chosen by measurement.
+"""Activation-cache benchmark: the Parquet settings behind `activations.*`, and what cache I/O costs a stage.
 
-    .venv/bin/python bench/cache_bench.py                       # 128 × 2048 × 768 (OPT-125M layer), ~3 min
-    .venv/bin/python bench/cache_bench.py --nsamples 16         # quicker
+    .venv/bin/python bench/cache_bench.py                       # read/write rates, 128 × 2048 × 768, ~3 min
+    .venv/bin/python bench/cache_bench.py --nsamples 16 --quick # the default setting only
     .venv/bin/python bench/cache_bench.py --cache-file results/default/activations/dense/layer_001.parquet
+    .venv/bin/python bench/cache_bench.py --stage-share --nsamples 128 --seqlen 2048 --layers 2   # ~20 min
 
-For each setting (dtype, compression, row-group size) it writes one layer's cache with ParquetTensorWriter,
-then reads it back with iter_parquet_tensors (XXH3 verification on, as the stages read) and compares
-with a plain sequential read of the same file (8 MiB reads into one buffer). Both reads are timed cold
-(the file's pages dropped from the page cache with posix_fadvise first) and warm. The rate column is
-tensor bytes delivered per second; "vs plain" is the Parquet read rate over the plain read rate.
+Rates: for each setting (dtype, compression, row-group size) it writes one layer's cache with
+ParquetTensorWriter, then reads it back with iter_parquet_tensors (through pyarrow, XXH3 verification on,
+as the stages read) and, for scale, with a plain sequential read of the same file (8 MiB reads into one
+buffer), cold (the file's pages dropped from the page cache first) and warm; the write rate (checksum
+included) is shown beside a plain write of the same tensor bytes. Rates are tensor bytes per second;
+"vs plain" is the cache read rate over the plain read rate.
+
+Stage share (--stage-share): runs calibration, activations, prune1, reconstruct and prune2 on a random
+model of the OPT-125M shape (bench/scale_bench.py's), each stage its own process as Snakemake runs it,
+with the Parquet cache I/O timed inside the process: time spent in iter_parquet_tensors (reading,
+decoding, waiting for the checksum), in ParquetTensorWriter (copying rows in, encoding, writing, the
+checksum) and the checksum thread's CPU time. Printed per stage against the stage's own time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -46,6 +57,15 @@ def plain_read(path: Path) -> float:
     return time.perf_counter() - start
 
 
+def plain_write(path: Path, rows, dtype) -> float:
+    """The same tensor bytes written with plain file writes (converted to the cache dtype, as the writer does)."""
+    start = time.perf_counter()
+    with open(path, "wb") as fh:
+        for r in rows:
+            fh.write(memoryview(r.to(dtype).view(torch.uint8).numpy()))
+    return time.perf_counter() - start
+
+
 def parquet_read(path: Path) -> tuple[float, int]:
     start = time.perf_counter()
     total = 0
@@ -64,14 +84,39 @@ def synthetic_hidden(nsamples: int, seqlen: int, hidden: int, seed: int = 0):
         yield torch.randn(seqlen, hidden, generator=g) * scale
 
 
-def measure(path: Path, rows, dtype, compression, row_group) -> dict:
+def write_earlier_layout(path: Path, rows, dtype, row_group: int) -> None:
+    """A cache as versions before this one wrote it (large_binary column), for the read comparison."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sds.io import _write_checksum
+
+    meta = {b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": str(dtype).encode()}
+    with pq.ParquetWriter(str(path), pa.schema([("hidden", pa.large_binary())], metadata=meta),
+                          compression="none", use_dictionary=False, write_statistics=False) as writer:
+        for i in range(0, len(rows), row_group):
+            values = [r.to(dtype).view(torch.uint8).numpy().tobytes() for r in rows[i:i + row_group]]
+            writer.write_table(pa.table({"hidden": pa.array(values, type=pa.large_binary())},
+                                        schema=writer.schema_arrow), row_group_size=row_group)
+    _write_checksum(path)
+
+
+def measure(path: Path, rows, dtype, compression, row_group, layout="fixed") -> dict:
     start = time.perf_counter()
-    with ParquetTensorWriter(path, dtype=dtype, row_group_size=row_group, compression=compression) as w:
-        for r in rows:
-            w.append(r)
+    if layout == "fixed":
+        with ParquetTensorWriter(path, dtype=dtype, row_group_size=row_group, compression=compression) as w:
+            for r in rows:
+                w.append(r)
+    else:
+        write_earlier_layout(path, rows, dtype, row_group)
     write_s = time.perf_counter() - start
     size = path.stat().st_size
-    out = {"write_s": write_s, "mib": size / 2**20}
+    tensor_bytes = sum(r.numel() for r in rows) * torch.empty((), dtype=dtype).element_size()
+    plain = path.with_name(path.name + ".plain")
+    plain_s = plain_write(plain, rows, dtype)
+    plain.unlink()
+    out = {"write_s": write_s, "mib": size / 2**20, "write_gbs": tensor_bytes / write_s / 1e9,
+           "plain_write_gbs": tensor_bytes / plain_s / 1e9}
     for mode in ("cold", "warm"):
         if mode == "cold":
             drop_from_page_cache(path)
@@ -85,6 +130,145 @@ def measure(path: Path, rows, dtype, compression, row_group) -> dict:
     return out
 
 
+def rates(args) -> int:
+    if args.cache_file:
+        rows = [t.clone() for t in iter_parquet_tensors(args.cache_file)]
+    else:
+        rows = list(synthetic_hidden(args.nsamples, args.seqlen, args.hidden))
+    shape = tuple(rows[0].shape)
+    settings = [("float16", "none", 8, "fixed")] if args.quick else [
+        ("float16", "none", 1, "fixed"), ("float16", "none", 8, "fixed"), ("float16", "none", 32, "fixed"),
+        ("float16", "none", 8, "large_binary"),
+        ("float16", "lz4", 8, "fixed"), ("float16", "snappy", 8, "fixed"), ("float16", "zstd", 8, "fixed"),
+        ("bfloat16", "none", 8, "fixed"), ("float32", "none", 8, "fixed")]
+    print(f"{len(rows)} tensors of {shape}; {torch.get_num_threads()} threads; read through pyarrow with "
+          "XXH3 verification; rates in GB/s of tensor bytes")
+    print(f"{'dtype':9s} {'compr.':7s} {'rows/rg':>7s} {'column':12s} {'MiB':>7s} {'write':>6s} {'plain':>6s} "
+          f"{'cold':>6s} {'plain':>6s} {'vs plain':>8s} {'warm':>6s} {'plain':>6s} {'vs plain':>8s}")
+    with tempfile.TemporaryDirectory(prefix="sds-cache-bench-", dir=ROOT / "bench") as tmp:
+        for dtype, compression, rg, layout in settings:
+            path = Path(tmp) / f"{dtype}_{compression}_{rg}_{layout}.parquet"
+            r = measure(path, rows, getattr(torch, dtype), compression, rg, layout)
+            column = "fixed_size" if layout == "fixed" else "large_binary"
+            print(f"{dtype:9s} {compression:7s} {rg:7d} {column:12s} {r['mib']:7.0f} {r['write_gbs']:6.2f} "
+                  f"{r['plain_write_gbs']:6.2f} "
+                  f"{r['cold_pq_gbs']:6.2f} {r['cold_plain_gbs']:6.2f} {r['cold_ratio']:8.2f} "
+                  f"{r['warm_pq_gbs']:6.2f} {r['warm_plain_gbs']:6.2f} {r['warm_ratio']:8.2f}", flush=True)
+            path.unlink()
+            path.with_name(path.name + ".xxh3").unlink()
+    return 0
+
+
+# --- cache-I/O share of each stage -------------------------------------------------------------------------
+
+# Runs one stage through the CLI with the cache I/O of sds.io wrapped in timers (this process only).
+RUNNER = r"""
+import json, sys, time
+import sds.io as io
+import sds.stages as stages
+acc = {"read_s": 0.0, "read_bytes": 0, "write_s": 0.0, "write_bytes": 0, "hash_cpu_s": 0.0}
+read = io.iter_parquet_tensors
+def timed_read(*a, **k):
+    rows = read(*a, **k)
+    while True:
+        start = time.perf_counter()
+        try:
+            row = next(rows)
+        except StopIteration:
+            acc["read_s"] += time.perf_counter() - start
+            return
+        acc["read_s"] += time.perf_counter() - start
+        acc["read_bytes"] += row.numel() * row.element_size()
+        yield row
+stages.iter_parquet_tensors = io.iter_parquet_tensors = timed_read
+append, close = io.ParquetTensorWriter.append, io.ParquetTensorWriter.close
+def timed_append(self, tensor):
+    start = time.perf_counter()
+    append(self, tensor)
+    acc["write_s"] += time.perf_counter() - start
+    acc["write_bytes"] += tensor.numel() * self._block.element_size()
+def timed_close(self):
+    start = time.perf_counter()
+    close(self)
+    acc["write_s"] += time.perf_counter() - start
+io.ParquetTensorWriter.append, io.ParquetTensorWriter.close = timed_append, timed_close
+digest = io._BackgroundChecksum._run
+def timed_digest(self):
+    start = time.thread_time()
+    digest(self)
+    acc["hash_cpu_s"] += time.thread_time() - start
+io._BackgroundChecksum._run = timed_digest
+from sds.cli import main
+start = time.perf_counter()
+rc = main(sys.argv[1:])
+acc["stage_s"] = time.perf_counter() - start
+print("CACHE_IO " + json.dumps(acc), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def run_stage(config: Path, name: str, out: Path, **kw) -> dict:
+    args = [sys.executable, "-c", RUNNER, name, "--config", str(config), *[f"{k}={v}" for k, v in kw.items()],
+            f"out={out}"]
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=out.parent,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    wall = time.monotonic() - start
+    (out.parent / f"{out.name}.log").write_text(proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    acc = json.loads(next(l for l in proc.stderr.splitlines() if l.startswith("CACHE_IO "))[len("CACHE_IO "):])
+    row = {"stage": name, "wall_s": wall, **acc}
+    io_s = acc["read_s"] + acc["write_s"]
+    print(f"{name:12s} {wall:8.1f} {acc['stage_s']:8.1f} {acc['read_s']:7.1f} {acc['read_bytes'] / 1e9:7.2f} "
+          f"{acc['write_s']:7.1f} {acc['write_bytes'] / 1e9:7.2f} {acc['hash_cpu_s']:7.1f} "
+          f"{100 * io_s / acc['stage_s']:6.1f}%", flush=True)
+    return row
+
+
+def stage_share(args) -> int:
+    from scale_bench import SHAPES, make_model, make_text
+
+    from sds.config import validate_config
+
+    shape = dict(SHAPES["opt-125m"], layers=args.layers)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sds-cache-share-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, text = work / "model", work / "calib.txt"
+    if not model.exists():
+        make_model(model, shape)
+    make_text(text, max(args.nsamples * args.seqlen * 2, 50_000), shape["vocab"])
+    cfg = validate_config({"run": "bench", "threads": 2, "model": {"source": str(model)},
+                           "calibration": {"source": str(text), "nsamples": args.nsamples, "seqlen": args.seqlen},
+                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": args.seqlen, "max_windows": 4},
+                           "prune": {"methods": ["sparsegpt"], "patterns": ["2:4"]}, "mlflow": {"enabled": False}})
+    cfg_path = work / "config.json"
+    cfg_path.write_text(json.dumps(cfg))
+    print(f"OPT-125M shape, {shape['layers']} layers, {args.nsamples} × {args.seqlen} tokens, SparseGPT 2:4, default "
+          f"settings (fp16 cache, row groups of {cfg['activations']['row_group_size']}); 2 threads; {work}")
+    print(f"{'stage':12s} {'wall s':>8s} {'stage s':>8s} {'read s':>7s} {'read GB':>7s} {'write s':>7s} "
+          f"{'wr. GB':>7s} {'hash s':>7s} {'share':>7s}", flush=True)
+    calib, dense = work / "calibration.parquet", work / "dense"
+    p1, rec, sds = work / "prune1", work / "reconstruct", work / "sds"
+    common = dict(model_dir=model, calibration_file=calib)
+    rows = [run_stage(cfg_path, "calibration", calib, model_dir=model, corpus_dir=""),
+            run_stage(cfg_path, "activations", dense, **common),
+            run_stage(cfg_path, "prune1", p1, dense_dir=dense, method="sparsegpt", pattern="2of4",
+                      cache_stream="false", **common),
+            run_stage(cfg_path, "reconstruct", rec, model_dir=model, dense_dir=dense, prune1_dir=p1, recon="default"),
+            run_stage(cfg_path, "prune2", sds, dense_dir=dense, prune1_dir=p1, reconstruct_dir=rec, method="sparsegpt",
+                      pattern="2of4", **common)]
+    total = sum(r["stage_s"] for r in rows)
+    io_s = sum(r["read_s"] + r["write_s"] for r in rows)
+    read_b, read_s = sum(r["read_bytes"] for r in rows), sum(r["read_s"] for r in rows)
+    write_b, write_s = sum(r["write_bytes"] for r in rows), sum(r["write_s"] for r in rows)
+    print(f"{'all stages':12s} {sum(r['wall_s'] for r in rows):8.1f} {total:8.1f} {read_s:7.1f} {read_b / 1e9:7.2f} "
+          f"{write_s:7.1f} {write_b / 1e9:7.2f} {sum(r['hash_cpu_s'] for r in rows):7.1f} {100 * io_s / total:6.1f}%")
+    print(f"cache read rate in the stages {read_b / max(read_s, 1e-9) / 1e9:.2f} GB/s, write rate "
+          f"{write_b / max(write_s, 1e-9) / 1e9:.2f} GB/s (tensor bytes; read includes decoding and checksum waits)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nsamples", type=int, default=128)
@@ -92,29 +276,12 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--cache-file", help="re-encode this existing activation cache instead of synthetic data")
     ap.add_argument("--quick", action="store_true", help="only the chosen default setting")
+    ap.add_argument("--stage-share", action="store_true", help="cache-I/O share of each stage (OPT-125M shape)")
+    ap.add_argument("--layers", type=int, default=2, help="with --stage-share: decoder layers of the model")
+    ap.add_argument("--workdir", help="with --stage-share: where the stages write (default: a new temp folder)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    if args.cache_file:
-        rows = list(iter_parquet_tensors(args.cache_file))
-    else:
-        rows = list(synthetic_hidden(args.nsamples, args.seqlen, args.hidden))
-    shape = tuple(rows[0].shape)
-    settings = [("float16", "none", 8)] if args.quick else [
-        ("float16", "none", 1), ("float16", "none", 8), ("float16", "none", 32),
-        ("float16", "lz4", 8), ("float16", "snappy", 8), ("float16", "zstd", 8),
-        ("bfloat16", "none", 8), ("float32", "none", 8)]
-    print(f"{len(rows)} tensors of {shape}; {torch.get_num_threads()} threads")
-    print(f"{'dtype':9s} {'compr.':7s} {'rows/rg':>7s} {'MiB':>7s} {'write s':>8s} "
-          f"{'cold GB/s':>9s} {'plain':>6s} {'vs plain':>8s} {'warm GB/s':>9s} {'plain':>6s} {'vs plain':>8s}")
-    with tempfile.TemporaryDirectory(prefix="sds-cache-bench-", dir=ROOT / "bench") as tmp:
-        for dtype, compression, rg in settings:
-            path = Path(tmp) / f"{dtype}_{compression}_{rg}.parquet"
-            r = measure(path, rows, getattr(torch, dtype), compression, rg)
-            print(f"{dtype:9s} {compression:7s} {rg:7d} {r['mib']:7.0f} {r['write_s']:8.2f} "
-                  f"{r['cold_pq_gbs']:9.2f} {r['cold_plain_gbs']:6.2f} {r['cold_ratio']:8.2f} "
-                  f"{r['warm_pq_gbs']:9.2f} {r['warm_plain_gbs']:6.2f} {r['warm_ratio']:8.2f}", flush=True)
-            path.unlink()
-    return 0
+    return stage_share(args) if args.stage_share else rates(args)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,22 @@ def test_failed_writes_leave_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ok.json"]
 
 
+def test_outputs_get_the_modes_of_plainly_created_files(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            write_json(tmp / "a.json", {})
+        save_tensors(tmp_path / "w.safetensors", {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    for f in (tmp_path / "d" / "a.json", tmp_path / "w.safetensors", tmp_path / "w.safetensors.xxh3"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+
+
 def test_saved_model_folder_is_verified_on_load(tmp_path):
     from conftest import tiny_opt
     from sds.io import checksum_folder

@@ -28,6 +28,24 @@ def independent_perplexity(model, tokenizer, text: str, seqlen: int, max_windows
     return math.exp(nll / (n * (seqlen - 1)))
 
 
+def summary_row_perplexity(run_dir, row: dict) -> float:
+    """A row of results/summary.csv (the micro config: sparsegpt 2:4, reconstruction `default`, builtin
+    corpus) recomputed independently of the pipeline's loading and evaluation code: the checkpoint through
+    Hugging Face directly (pruned weights loaded as a state dict), the held-out split as the corpus stage
+    wrote it, `evaluate.seqlen` 64 and `max_windows` 8 as micro.yaml sets them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = run_dir / "sparsegpt" / "2of4" / "default" / "sds" / "model" if row["stage"] == "sds" else run_dir / "model"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if row["stage"] in ("prune1", "prune1+adjust"):
+        checkpoint = run_dir / "sparsegpt" / "2of4" / row["stage"].replace("+adjust", "_adjust")
+        unexpected = model.load_state_dict(load_file(checkpoint / "weights.safetensors"), strict=False).unexpected_keys
+        assert not unexpected, unexpected
+    return independent_perplexity(model, tokenizer, (run_dir / "corpus" / "test.txt").read_text(), 64, 8)
+
+
 def wikitext_rows_joined(path) -> str:
     """What `"\\n\\n".join(load_dataset("wikitext", ...)["text"])` gives: the loader yields each line of
     the file (newline kept) as a record, whitespace-only lines as ""."""

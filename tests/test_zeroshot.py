@@ -2,6 +2,7 @@
 evaluate stage's results and the report's zero-shot table (lm-eval-harness on in-memory models)."""
 import csv
 import json
+import math
 import re
 
 import pytest
@@ -151,12 +152,42 @@ def test_every_shipped_task_runs_offline_on_local_records(tmp_path, random_lm, m
     assert list(out["tasks"]) == names
     for name, row in out["tasks"].items():
         assert row["n"] == len(RECORDS[name]), name
-        assert 0.0 <= row["acc"] <= 1.0
+        assert round(row["acc"] * row["n"], 9).is_integer(), (name, row)  # a count of right answers over n
         assert ("acc_norm" in row) == (name in WITH_ACC_NORM), name
-    assert out["tasks"]["lambada_openai"]["perplexity"] > 1.0
+    # two tasks recomputed independently: the model's log-likelihoods of each continuation, summed directly
+    piqa = [[_loglikelihood(model, tok, f"Question: {d['goal']}\nAnswer:", " " + c) for c in (d["sol1"], d["sol2"])]
+            for d in RECORDS["piqa"]]
+    assert min(abs(lls[0][0] - lls[1][0]) for lls in piqa) > 1e-3, "a near tie would make the comparison fragile"
+    assert out["tasks"]["piqa"]["acc"] == _mean(max((0, 1), key=lambda i: lls[i][0]) == d["label"]
+                                                for lls, d in zip(piqa, RECORDS["piqa"]))
+    lengths = [(len(d["sol1"]), len(d["sol2"])) for d in RECORDS["piqa"]]
+    assert out["tasks"]["piqa"]["acc_norm"] == _mean(
+        max((0, 1), key=lambda i: lls[i][0] / n[i]) == d["label"] for lls, n, d in zip(piqa, lengths, RECORDS["piqa"]))
+    lambada = [_loglikelihood(model, tok, d["text"].rsplit(" ", 1)[0], " " + d["text"].rsplit(" ", 1)[1])
+               for d in RECORDS["lambada_openai"]]
+    assert out["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(
+        math.exp(-sum(ll for ll, _ in lambada) / len(lambada)), rel=1e-4)
+    assert out["tasks"]["lambada_openai"]["acc"] == _mean(greedy for _, greedy in lambada)
     accs = [row["acc"] for row in out["tasks"].values()]
     assert out["mean"]["acc"] == pytest.approx(sum(accs) / len(accs))
     assert not model.training
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
+    """log P(continuation | context) and whether it is the greedy continuation, computed the way the
+    harness defines it (context and continuation tokenized together, no special tokens), without it."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tok(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), dim=-1)
+    targets = torch.tensor(whole[n_context:])
+    picked = logprobs[n_context - 1:len(whole) - 1]
+    return float(picked.gather(1, targets[:, None]).sum()), bool((picked.argmax(-1) == targets).all())
 
 
 def test_parquet_data_and_limit(tmp_path, random_lm):

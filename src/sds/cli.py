@@ -106,20 +106,20 @@ def _corrupt_file_message(exc, config: dict) -> str:
 
 
 def _write_error_message(exc: OSError) -> str | None:
-    """One line for a failed write (disk full, file-size limit, read-only or foreign folder), or None for
-    other errors. The atomic writes (sds.io) have removed their temporaries and named the output file."""
+    """One line for a failed write (disk full, file-size limit, read-only or foreign folder) or another
+    refused file operation, or None for other errors. A failed output write (sds.io.OutputWriteError)
+    names the output file, and its temporary has been removed."""
     import errno
 
-    from .io import WRITE_ERRNOS
+    from .io import WRITE_ERRNOS, OutputWriteError
 
-    if exc.errno == errno.EEXIST and exc.filename:
+    if isinstance(exc, OutputWriteError):
+        remedy = ("make room and re-run" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                  else "make it writable and re-run")
+        return f"cannot write {exc.filename}: {exc.strerror} (nothing half-written is left: {remedy})"
+    if exc.filename and (exc.errno in WRITE_ERRNOS or exc.errno == errno.EEXIST):
         return f"{exc.filename}: {exc.strerror}"
-    if exc.errno not in WRITE_ERRNOS:
-        return None
-    remedy = ("make room and re-run" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-              else "make it writable and re-run")
-    return (f"cannot write {exc.filename or 'an output file'}: {exc.strerror or os.strerror(exc.errno)} "
-            f"(nothing half-written is left: {remedy})")
+    return None
 
 
 if __name__ == "__main__":

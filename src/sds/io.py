@@ -121,11 +121,17 @@ def _write_errno(exc: BaseException) -> int | None:
     return code if code in WRITE_ERRNOS else None
 
 
+class OutputWriteError(OSError):
+    """Writing a stage's output failed (disk full, file-size limit, read-only folder, …); `filename` is the
+    output file or folder as the user will know it, and the temporary has been removed."""
+
+
 @contextlib.contextmanager
-def _naming(final: Path) -> Iterator[None]:
-    """Re-raises a write error (WRITE_ERRNOS) met while writing `final` through its temporary as an OSError
-    with the name the file will have: the temporary's name means nothing to the user and is removed
-    afterwards."""
+def _naming(final: Path, *, creating: bool = False) -> Iterator[None]:
+    """Re-raises a write error (WRITE_ERRNOS) met while writing `final` through its temporary as an
+    OutputWriteError with the name the file will have: the temporary's name means nothing to the user and
+    is removed afterwards. Errors naming other files pass unchanged (inside an output being built they
+    may be about reading an input), except while `creating` the temporary (its folders)."""
     try:
         yield
     except Exception as exc:
@@ -137,10 +143,13 @@ def _naming(final: Path) -> Iterator[None]:
         if filename:
             name = Path(filename)
             temporary = _temporary_for(final, name)
-            if temporary is None:
-                raise  # names a real file (e.g. the folder that could not be created)
-            target = final / name.relative_to(temporary)
-        raise OSError(code, os.strerror(code), str(target)) from exc
+            if temporary is not None:
+                target = final / name.relative_to(temporary)
+            elif creating:
+                target = name  # the folder that could not be created
+            else:
+                raise
+        raise OutputWriteError(code, os.strerror(code), str(target)) from exc
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -153,13 +162,32 @@ def remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:  # read without changing it (os.umask can only set)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(tmp: Path, *, is_dir: bool) -> None:
+    """The mode a plainly created file or folder would get: mkstemp/mkdtemp create them owner-only (0600,
+    0700), which would leave results unreadable to the rest of a group sharing them."""
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 class _TempFile:
     """A temporary file beside `path`; `commit` renames it onto `path` (after writing its checksum sidecar
     and before its ownership record), `discard` removes it. OSErrors name `path`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with _naming(self.path):
+        with _naming(self.path, creating=True):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.path)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -174,6 +202,7 @@ class _TempFile:
             if checksum:  # sidecar first: a kill between the two leaves no unverifiable file
                 with atomic_path(_sidecar(self.path)) as side:
                     side.write_text(file_digest(self.tmp) + "\n")
+            _publish_mode(self.tmp, is_dir=False)
             os.replace(self.tmp, self.path)
             if record:  # after the rename: a kill in between leaves an output without a record (never deleted)
                 with atomic_path(_record_file(self.path, is_dir=False)) as rec:
@@ -203,7 +232,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     pipeline's own output (its record names it); anything else is refused before any work."""
     path = Path(path)
     _refuse_to_replace_foreign(path)
-    with _naming(path):
+    with _naming(path, creating=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -211,6 +240,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         with _naming(path):
             yield tmp
             (tmp / OUTPUT_RECORD).write_text(_record_text(path))
+            _publish_mode(tmp, is_dir=True)
             _refuse_to_replace_foreign(path)
             if path.exists():
                 shutil.rmtree(path)
