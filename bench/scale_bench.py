@@ -30,7 +30,7 @@ SHAPES = {
 
 # Peak RSS from VmHWM, not ru_maxrss: ru_maxrss survives execve, so every stage would report at least this
 # benchmark process's own peak (which holds a whole model after make_model).
-RUNNER = ("import sys; from sds.cli import main; from sds.stages import peak_rss_mib; rc = main(sys.argv[1:]); "
+RUNNER = ("import sys; from sds.cli import main; from sds.runtime import peak_rss_mib; rc = main(sys.argv[1:]); "
           "print('PEAK_RSS_KB', int(peak_rss_mib() * 1024), file=sys.stderr); sys.exit(rc)")
 
 

@@ -67,7 +67,7 @@ def test_nan_activations_name_the_layer():
     model = tiny_opt()
     bad = torch.randn(16, 32)
     bad[3, 5] = float("nan")
-    with pytest.raises(NumericalError, match="layer 7 input of"):
+    with pytest.raises(NumericalError, match="layer 7 inputs of"):
         collect_stats(decoder_layers(model)[0], [bad], layer_kwargs(model, 16), layer_name="layer 7")
 
 

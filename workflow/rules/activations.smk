@@ -3,7 +3,7 @@
 
 rule activations:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         calibration=f"{R}/calibration.parquet",
     output:
         directory(f"{R}/activations/dense"),

@@ -2,7 +2,7 @@
 
 rule prune1:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         calibration=f"{R}/calibration.parquet",
         dense=f"{R}/activations/dense",
     output:
@@ -25,7 +25,7 @@ rule prune1:
 
 rule prune1_adjust:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         calibration=f"{R}/calibration.parquet",
         dense=f"{R}/activations/dense",
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",

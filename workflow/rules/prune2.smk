@@ -2,7 +2,7 @@
 
 rule prune2:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         calibration=f"{R}/calibration.parquet",
         dense=f"{R}/activations/dense",
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",

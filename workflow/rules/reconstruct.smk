@@ -9,19 +9,14 @@ RECON_DEPS = lambda wc: json.dumps({"settings": RESOLVED["reconstruct"][wc.recon
 def n_decoder_layers():
     if BUILTIN:
         return RESOLVED["model"]["builtin"]["layers"]
-    cfg = Path(RESOLVED["model"]["source"]) / "config.json"
-    if not cfg.is_file():
-        from snakemake.exceptions import WorkflowError
-
-        raise WorkflowError("layer_parallel needs a local model folder (its config.json gives the layer count)")
-    return json.loads(cfg.read_text())["num_hidden_layers"]
+    return json.loads((Path(MODEL) / "config.json").read_text())["num_hidden_layers"]
 
 
 if not RESOLVED["layer_parallel"]:
 
   rule reconstruct:
       input:
-          model=MODEL if BUILTIN else [],
+          model=MODEL_INPUT,
           dense=f"{R}/activations/dense",
           prune1=f"{R}/{{method}}/{{pattern}}/prune1",
       output:
@@ -43,7 +38,7 @@ else:
 
   rule reconstruct_layer:
       input:
-          model=MODEL if BUILTIN else [],
+          model=MODEL_INPUT,
           dense=f"{R}/activations/dense",
           prune1=f"{R}/{{method}}/{{pattern}}/prune1",
       output:
