@@ -43,6 +43,17 @@ PATTERNS = [parse_pattern(p).slug for p in RESOLVED["prune"]["patterns"]]
 RECONS = list(RESOLVED["reconstruct"])
 # prune1 caches its pruned stream (one Parquet file per layer) only for settings that re-run layers on it
 PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" for r in RESOLVED["reconstruct"].values())
+# Layer 0's input, where every sequential pass starts; the dense model's input to every layer is cached
+# (one forward pass of the calibration set) only for the settings that read it.
+INPUTS = f"{R}/activations/input"
+DENSE = f"{R}/activations/dense"
+ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
+
+
+def recon_needs_dense(recon):
+    settings = RESOLVED["reconstruct"][recon]
+    return settings["inputs"] == "dense" or settings["target"] == "dense_stream"
+
 PY = sys.executable
 
 # The model every stage reads, and the files of it that are rule inputs: the built-in model is the

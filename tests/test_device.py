@@ -36,18 +36,16 @@ def test_stages_compute_on_one_device_whatever_their_inputs(micro_run, tmp_path,
     monkeypatch.setattr(io, "DEFAULT_READ_DEVICE", "meta")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     config["mlflow"]["enabled"] = False
-    common = dict(model_dir=str(r / "model"), dense_dir=str(r / "activations" / "dense"),
+    common = dict(model_dir=str(r / "model"), inputs_dir=str(r / "activations" / "input"),
                   prune1_dir=str(r / "sparsegpt" / "2of4" / "prune1"))
     guard = DeviceGuard()
     with guard:
         if stage == "prune1_adjust":
-            stages.prune1_adjust(config, calibration_file=str(r / "calibration.parquet"), out=str(tmp_path / "out"),
-                                 **common)
+            stages.prune1_adjust(config, out=str(tmp_path / "out"), **common)
         elif stage == "reconstruct":
             stages.reconstruct(config, recon="default", out=str(tmp_path / "out"), **common)
         else:
-            stages.prune2(config, calibration_file=str(r / "calibration.parquet"), method="sparsegpt",
-                          pattern="2of4", reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"),
+            stages.prune2(config, method="sparsegpt", pattern="2of4", reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"),
                           out=str(tmp_path / "out"), **common)
     assert guard.checked > 100, "the stage ran under the guard"
     assert (tmp_path / "out" / "weights.safetensors").is_file()

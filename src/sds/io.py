@@ -29,7 +29,7 @@ class CorruptFileError(RuntimeError):
 
 # Names of the outputs stages write under results/<run>/ (files or folders). A corrupt file inside one
 # means that whole output must be re-created.
-STAGE_OUTPUT_NAMES = {"corpus", "model", "calibration.parquet", "dense", "prune1", "prune1_adjust", "reconstruct",
+STAGE_OUTPUT_NAMES = {"corpus", "model", "calibration.parquet", "input", "dense", "prune1", "prune1_adjust", "reconstruct",
                       "sds", "tasks"}
 
 

@@ -30,6 +30,22 @@ def batch_size(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int) -> 
                               **lm.dims())
 
 
+def _embedded_batches(lm: LayerwiseModel, windows: torch.Tensor, batch: int):
+    """Decoder layer 0's input for the calibration windows, a batch at a time (the model up to layer 0)."""
+    for start in range(0, windows.shape[0], batch):
+        yield capture_layer_inputs(lm.model, windows[start:start + batch])[0]
+
+
+def write_layer_inputs(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Path) -> None:
+    """out/layer_000.parquet: decoder layer 0's input in the model's dtype (nothing rounded), where the
+    sequential passes start."""
+    batch = batch_size(config, lm, *windows.shape)
+    with ParquetTensorWriter(cache_file(out, 0), dtype=lm.dtype,
+                             row_group_size=config["activations"]["row_group_size"]) as writer:
+        for hidden in _embedded_batches(lm, windows, batch):
+            append_batch(writer, hidden)
+
+
 def dense_pass(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Path) -> None:
     """Runs the dense model layer by layer over the calibration windows and writes each decoder layer's
     input to out/layer_<i>.parquet (and the last layer's output as layer_<n>)."""
@@ -41,8 +57,7 @@ def dense_pass(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Pat
     first.parent.mkdir()
     with cache_writer(config["activations"], cache_file(out, 0)) as cache, \
             ParquetTensorWriter(first, dtype=lm.dtype, row_group_size=config["activations"]["row_group_size"]) as work:
-        for start in range(0, nsamples, batch):
-            hidden, _ = capture_layer_inputs(lm.model, windows[start:start + batch])
+        for hidden in _embedded_batches(lm, windows, batch):
             append_batch(cache, hidden)
             append_batch(work, hidden)
     stream = WorkStream(out / "work", first, dtype=lm.dtype, device=lm.device, batch_size=batch,
@@ -56,20 +71,21 @@ def dense_pass(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Pat
     stream.close()
 
 
-def sequential_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int, dense_dir, update: Update,
-                    work_dir: Path, checkpoint: CheckpointWriter, *, source=None, cross: bool = False,
+def sequential_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int, inputs_dir, update: Update,
+                    work_dir: Path, checkpoint: CheckpointWriter, *, source=None, dense_dir=None,
                     stream_out: Path | None = None, stats_out: Path | None = None, what: str = "layer") -> dict:
     """The SparseGPT/Wanda sequential protocol: for each decoder layer, collect its linears' input
     statistics on the current (already-modified) stream, update its weights, then propagate.
 
     With `source` (full weight name → tensor, e.g. a TensorReader), each layer starts from those weights
-    instead of the dense ones (the dense weights stay the target). With `cross`, statistics pair the stream
-    with the dense cache (the 'dense_stream' target). `stream_out` gets each layer's input as a cache;
+    instead of the dense ones (the dense weights stay the target). With `dense_dir` (the dense activation
+    cache), statistics pair the stream with the dense model's own hidden states (the 'dense_stream' target). `stream_out` gets each layer's input as a cache;
     `stats_out` each layer's input statistics (what reconstruction fits on). Returns the per-linear infos."""
     batch = batch_size(config, lm, nsamples, seqlen)
     kwargs = lm.kwargs(seqlen)
     rows = config["activations"]["row_group_size"]
-    stream = WorkStream(work_dir, cache_file(dense_dir, 0), dtype=lm.dtype, device=lm.device, batch_size=batch,
+    cross = dense_dir is not None
+    stream = WorkStream(work_dir, cache_file(inputs_dir, 0), dtype=lm.dtype, device=lm.device, batch_size=batch,
                         row_group_size=rows)
     progress = Progress(what, len(lm), lm.device)
     for i in range(len(lm)):
@@ -114,6 +130,9 @@ def layer_statistics(lm: LayerwiseModel, i: int, settings: dict, *, dense_dir, p
         tensors, meta = load_tensors_with_metadata(Path(prune1_dir) / "stats" / f"layer_{i:03d}.safetensors",
                                                    device=lm.device)
         return StatsAccumulator.from_tensors(tensors, meta)
+    if dense_dir is None:  # every other setting reads the dense model's own hidden states
+        raise ValueError(f"reconstruction with inputs {settings['inputs']!r} and target {settings['target']!r} needs "
+                         "the dense activation cache (dense_dir)")
     if settings["inputs"] == "pruned":
         if not (Path(prune1_dir) / "stream").is_dir():
             raise CorruptFileError(f"{prune1_dir}/stream: the 'dense_stream' target needs prune1's stream "
@@ -121,8 +140,7 @@ def layer_statistics(lm: LayerwiseModel, i: int, settings: dict, *, dense_dir, p
                                    Path(prune1_dir) / "stream")
         inputs = cache_file(Path(prune1_dir) / "stream", i)
     else:
-        inputs = cache_file(dense_dir, i)
-    layer = lm.layers[i]
+        layer = lm.layers[i]
 
     def batches(path):
         return read_batches(path, dtype=lm.dtype, device=lm.device, batch_size=batch)

@@ -129,11 +129,27 @@ def read_calibration(path: str) -> torch.Tensor:
     return torch.tensor(column, dtype=torch.long)
 
 
-# --- 3. dense activation cache --------------------------------------------------------------------------
+# --- 3. layer inputs and the dense activation cache --------------------------------------------------------
+
+def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
+    """Decoder layer 0's input for every calibration window (the embeddings), in the model's dtype: where
+    every sequential pass starts. Its manifest gives nsamples and seqlen to the stages after it."""
+    from .passes import write_layer_inputs
+
+    device = setup(config)
+    lm = _layerwise_model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+    with atomic_dir(out) as tmp:
+        write_layer_inputs(config, lm, windows, tmp)
+        write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
+                                           "seqlen": windows.shape[1], "dtype": config["model"]["dtype"]})
+    log.info("layer inputs: %d × %d tokens", *windows.shape)
+
 
 def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
     """Runs the dense model layer by layer; caches each decoder layer's input (and the last output),
-    one Parquet file per layer boundary: layer_i = input of layer i = dense output of layer i−1."""
+    one Parquet file per layer boundary: layer_i = input of layer i = dense output of layer i−1. Only the
+    settings that fit to the dense model's own hidden states read it."""
     from .passes import dense_pass
 
     device = setup(config)
@@ -148,13 +164,13 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
 
 # --- 4. first prune and the adjust ablation ---------------------------------------------------------------
 
-def _calibration_shape(dense_dir) -> tuple[int, int]:
-    manifest = read_json(Path(dense_dir) / "manifest.json")
+def _calibration_shape(inputs_dir) -> tuple[int, int]:
+    manifest = read_json(Path(inputs_dir) / "manifest.json")
     return manifest["nsamples"], manifest["seqlen"]
 
 
-def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, method: str, pattern: str,
-           out: str, cache_stream: str = "false") -> None:
+def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: str, out: str,
+           cache_stream: str = "false") -> None:
     """First prune: one-shot, sequential, every linear of every decoder layer. Also saves each layer's
     input statistics (stats/: what the reconstruction fits on, so it needs no forward pass) and, with
     `cache_stream` (needed only by the 'dense_stream' reconstruction target), the pruned model's
@@ -164,7 +180,7 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     device = setup(config)
     pat = pattern_from_slug(pattern)
     lm = _layerwise_model(config, model_dir, device)
-    nsamples, seqlen = _calibration_shape(dense_dir)
+    nsamples, seqlen = _calibration_shape(inputs_dir)
 
     def update(i, name, W, W_dense, stats):
         return sds_method.first_prune(method, W, W_dense, stats, pat, config["prune"])
@@ -176,7 +192,7 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
             stream_out.mkdir()
         (tmp / "stats").mkdir()
         checkpoint = CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
-        infos = sequential_pass(config, lm, nsamples, seqlen, dense_dir, update, tmp / "work", checkpoint,
+        infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
                                 stream_out=stream_out, stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
         checkpoint.close({"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
@@ -184,15 +200,15 @@ def prune1(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
 
 
-def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir: str, prune1_dir: str,
-                  out: str) -> None:
+def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, out: str,
+                  dense_dir: str | None = None) -> None:
     """Ablation: the post-prune weight adjustment applied to the first prune's masks directly (no dense
     phase), so the dense phase's own contribution is visible."""
     from .passes import sequential_pass
 
     device = setup(config)
     lm = _layerwise_model(config, model_dir, device)
-    nsamples, seqlen = _calibration_shape(dense_dir)
+    nsamples, seqlen = _calibration_shape(inputs_dir)
     first = TensorReader(Path(prune1_dir) / "weights.safetensors", device=device)
     masks = TensorReader(Path(prune1_dir) / "masks.safetensors", device=device)
 
@@ -203,8 +219,8 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
     cross = config["prune2"]["adjust_target"] == "dense_stream"
     with atomic_dir(out) as tmp:
         checkpoint = CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
-        infos = sequential_pass(config, lm, nsamples, seqlen, dense_dir, update, tmp / "work", checkpoint,
-                                source=first, cross=cross, what="prune1+adjust layer")
+        infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
+                                source=first, dense_dir=dense_dir if cross else None, what="prune1+adjust layer")
         checkpoint.close()
     _track(config, f"prune1_adjust/{Path(prune1_dir).parent.parent.name}/{Path(prune1_dir).parent.name}",
            params=config["prune2"], metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
@@ -212,15 +228,15 @@ def prune1_adjust(config: dict, model_dir: str, calibration_file: str, dense_dir
 
 # --- 5. dense reconstruction ------------------------------------------------------------------------------
 
-def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers: list[int] | None, out: Path,
-                        extra: dict) -> dict:
+def _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, layers: list[int] | None,
+                        out: Path, extra: dict) -> dict:
     """Reconstructs the given decoder layers (all when None) into a checkpoint in `out`; returns its summary."""
     from .passes import refit_layers
 
     device = setup(config)
     settings = config["reconstruct"][recon]
     lm = _layerwise_model(config, model_dir, device)
-    nsamples, seqlen = _calibration_shape(dense_dir)
+    nsamples, seqlen = _calibration_shape(inputs_dir)
     first = TensorReader(Path(prune1_dir) / "weights.safetensors", device=device)
     masks = TensorReader(Path(prune1_dir) / "masks.safetensors", device=device)
     todo = list(range(len(lm))) if layers is None else layers
@@ -235,24 +251,26 @@ def _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, layers:
     return checkpoint.close(extra)
 
 
-def reconstruct(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, out: str) -> None:
+def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, out: str,
+                dense_dir: str | None = None) -> None:
     """Dense reconstruction of every decoder layer in one job."""
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        summary = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, None, tmp,
+        summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": config["reconstruct"][recon]})
     _track(config, f"reconstruct/{recon}", params=config["reconstruct"][recon],
            metrics=_layer_metrics(summary["linears"]) + [("seconds", time.monotonic() - start, 0)])
 
 
-def reconstruct_one_layer(config: dict, model_dir: str, dense_dir: str, prune1_dir: str, recon: str, layer: str,
-                          out: str) -> None:
+def reconstruct_one_layer(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, layer: str,
+                          out: str, dense_dir: str | None = None) -> None:
     """Layer-parallel mode: reconstructs decoder layer `layer` only (its own job); `out` is a folder with
     that layer's weights.safetensors and layers.json, merged by `reconstruct_gather`."""
     i = int(layer)
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        summary = _reconstruct_layers(config, model_dir, dense_dir, prune1_dir, recon, [i], tmp, {"layer": i})
+        summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, [i], tmp,
+                                      {"layer": i})
         summary["seconds"] = time.monotonic() - start
         write_json(tmp / "layers.json", summary)
 
@@ -280,8 +298,8 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
 
 # --- 6. second prune ---------------------------------------------------------------------------------------
 
-def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, prune1_dir: str,
-           reconstruct_dir: str, method: str, pattern: str, out: str) -> None:
+def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, reconstruct_dir: str, method: str,
+           pattern: str, out: str, dense_dir: str | None = None) -> None:
     """Second prune of the reconstructed model with the same pruner and pattern (sequential), then the
     weight adjustment to the dense target; writes a loadable Hugging Face folder with masks and a card."""
     from .passes import sequential_pass
@@ -289,7 +307,7 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     device = setup(config)
     pat = pattern_from_slug(pattern)
     lm = _layerwise_model(config, model_dir, device)
-    nsamples, seqlen = _calibration_shape(dense_dir)
+    nsamples, seqlen = _calibration_shape(inputs_dir)
     recon = TensorReader(Path(reconstruct_dir) / "weights.safetensors", device=device)
     first = TensorReader(Path(prune1_dir) / "weights.safetensors", device=device)
     first_masks = TensorReader(Path(prune1_dir) / "masks.safetensors", device=device)
@@ -302,8 +320,9 @@ def prune2(config: dict, model_dir: str, calibration_file: str, dense_dir: str, 
     start = time.monotonic()
     with atomic_dir(out) as tmp:
         checkpoint = CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
-        infos = sequential_pass(config, lm, nsamples, seqlen, dense_dir, update, tmp / "work", checkpoint,
-                                source=recon, cross=cross, what=f"prune2 {method} {pat} layer")
+        infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
+                                source=recon, dense_dir=dense_dir if cross else None,
+                                what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
         write_model_folder(lm, model_dir, tmp / "weights.safetensors", tmp / "model",

@@ -7,7 +7,9 @@ HIST_CKPTS = [f"{R}/{METHODS[0]}/{PATTERNS[0]}/prune1", f"{R}/{METHODS[0]}/{PATT
               f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/sds"]
 
 _B = f"{R}/benchmarks"
-BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "activations"]]
+DENSE_NEEDED = ADJUST_NEEDS_DENSE or any(recon_needs_dense(r) for r in RECONS)
+BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]
+              + (["activations"] if DENSE_NEEDED else [])]
 BENCHMARKS += [f"{_B}/{s}/{m}_{p}.tsv" for s in ("prune1", "prune1_adjust") for m in METHODS for p in PATTERNS]
 BENCHMARKS += [f"{_B}/{s}/{m}_{p}_{r}.tsv" for s in ("reconstruct", "prune2") for m in METHODS for p in PATTERNS
                for r in RECONS]
