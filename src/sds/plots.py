@@ -330,7 +330,7 @@ def layer_errors_figure(records: list[LayerErrors], *, panel_in: tuple[float, fl
     fig.supylabel("relative output error (log)" if log else "relative output error", fontsize=FONT)
     # the title heads the legend: constrained layout would stack a suptitle onto an outside legend
     fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=min(len(handles), 4),
-               fontsize=FONT, frameon=False, title=title, title_fontsize=FONT + 2)
+               fontsize=FONT, frameon=False, title=title, title_fontsize=FONT + 2, markerscale=1.6)
     return fig
 
 
@@ -370,10 +370,16 @@ def seconds_figure(seconds: dict[str, float]) -> Figure | None:
 
 def histogram_figure(series: list[tuple[str, object]], weight_name: str) -> Figure:
     """Step histograms of log10 |w| over the non-zero weights, one per (stage name, numpy values)."""
+    import numpy as np
+
     fig = new_figure(7, 4)
     ax = fig.add_subplot()
+    finite = [v for _, v in series if len(v)]
+    # one set of bin edges for every stage, so the counts compare bar for bar
+    edges = np.linspace(min(float(v.min()) for v in finite), max(float(v.max()) for v in finite), 81) \
+        if finite else 80
     for name, log_values in series:
-        ax.hist(log_values, bins=80, histtype="step", label=name)
+        ax.hist(log_values, bins=edges, histtype="step", label=name)
     ax.set_xlabel(f"log10 |w|  ({weight_name})", fontsize=FONT)
     ax.set_ylabel("count (non-zero weights)", fontsize=FONT)
     ax.tick_params(labelsize=8)
