@@ -199,7 +199,7 @@ def test_documented_configs_validate_and_build_their_dag(name, checkpoints, tmp_
     cfg["evaluate"]["datasets"] = {name: str(text) for name in cfg["evaluate"]["datasets"]}
     zs = cfg["evaluate"].get("zeroshot", {})
     if zs.get("enabled", True) and zs.get("data_dir"):
-        from sds.zeroshot import resolve_tasks, task_spec
+        from sds.tasksets import resolve_tasks, task_spec
 
         zs["data_dir"] = str(tmp_path / "zeroshot")
         for task in resolve_tasks(zs["tasks"]):

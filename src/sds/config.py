@@ -132,7 +132,7 @@ def _semantic_checks(config: dict) -> None:
 def _check_zeroshot(zs: dict) -> None:
     """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
     the pipeline), so a missing file is reported before any work starts."""
-    from .zeroshot import BUILTIN_TASKS, TaskDataError, resolve_tasks, task_files
+    from .tasksets import BUILTIN_TASKS, TaskDataError, resolve_tasks, task_files
 
     if not zs["enabled"]:
         return

@@ -383,7 +383,7 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     zs = config["evaluate"]["zeroshot"]
     zs_files = None
     if zs["enabled"]:  # every task's data file is checked before the evaluation starts
-        from .zeroshot import resolve_tasks, task_files
+        from .tasksets import resolve_tasks, task_files
 
         zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
     device = setup(config)

@@ -1,5 +1,5 @@
 # Perplexity, zero-shot accuracy and achieved sparsity of every checkpoint: dense, prune1, prune1+adjust, SDS.
-from sds.zeroshot import BUILTIN_TASKS, resolve_tasks  # noqa: E402
+from sds.tasksets import BUILTIN_TASKS, resolve_tasks  # noqa: E402
 
 EVAL_DEPS = slice_of("threads", "device", "model.dtype", "evaluate")
 CORPUS_ARG = f"corpus_dir={R}/corpus" if BUILTIN else ""
