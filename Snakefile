@@ -11,7 +11,7 @@ min_version("9.0")
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-from sds.config import ConfigError, validate_config  # noqa: E402
+from sds.config import ConfigError, config_hash, validate_config  # noqa: E402
 from sds.patterns import parse_pattern  # noqa: E402
 
 
@@ -38,23 +38,63 @@ validate(config, "config/schema.yaml")  # the same schema through Snakemake (als
 RUN = RESOLVED["run"]
 R = f"results/{RUN}"
 BUILTIN = RESOLVED["model"]["source"] == "builtin"
-MODEL = f"{R}/model" if BUILTIN else RESOLVED["model"]["source"]
 METHODS = RESOLVED["prune"]["methods"]
 PATTERNS = [parse_pattern(p).slug for p in RESOLVED["prune"]["patterns"]]
 RECONS = list(RESOLVED["reconstruct"])
 # prune1 caches its pruned stream (one Parquet file per layer) only for settings that re-run layers on it
 PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" for r in RESOLVED["reconstruct"].values())
+# Layer 0's input, where every sequential pass starts; the dense model's input to every layer is cached
+# (one forward pass of the calibration set) only for the settings that read it.
+INPUTS = f"{R}/activations/input"
+DENSE = f"{R}/activations/dense"
+ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
+
+
+def recon_needs_dense(recon):
+    settings = RESOLVED["reconstruct"][recon]
+    return settings["inputs"] == "dense" or settings["target"] == "dense_stream"
+
 PY = sys.executable
 
-# The resolved config every stage reads. Rewritten only when it changes; it is not a rule input, so
-# a change re-runs only the rules whose `params` (their own slice of the config) changed.
-CONFIG_JSON = f"{R}/config.json"
+# The model every stage reads, and the files of it that are rule inputs: the built-in model is the
+# build_model rule's output folder; an external one (a local folder, or a Hugging Face id resolved to its
+# snapshot in the local cache) is the list of files a stage reads (weights, config, tokenizer), so
+# replacing its weights re-runs everything downstream and nothing else.
+if BUILTIN:
+    MODEL = f"{R}/model"
+    MODEL_INPUT = MODEL
+else:
+    from sds.architectures import model_files  # noqa: E402
+    from sds.config import model_folder  # noqa: E402
+
+    MODEL = str(model_folder(RESOLVED))
+    MODEL_INPUT = model_files(MODEL)
+
+
+def text_input(source):
+    """A text source as a rule input: a local file is one (editing it re-runs its readers); 'builtin' and
+    hf: datasets are not files here."""
+    return [] if source == "builtin" or source.startswith("hf:") else [source]
+
+
+CALIBRATION_TEXT = text_input(RESOLVED["calibration"]["source"])
+EVAL_TEXTS = [f for source in RESOLVED["evaluate"]["datasets"].values() for f in text_input(source)]
+
+# The resolved config every stage reads, under a name given by its content, written when a run starts
+# (`onstart` runs neither on a dry run nor when nothing is to be done, so `snakemake -n` writes nothing).
+# It is not a rule input: a change re-runs only the rules whose `params` (their own slice of the config)
+# changed. A run keeps reading the file it started with, even if the config is edited meanwhile.
 _resolved_text = json.dumps(RESOLVED, indent=2, sort_keys=True) + "\n"
-if not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text:
-    os.makedirs(R, exist_ok=True)
-    with open(CONFIG_JSON + ".tmp", "w") as _fh:
-        _fh.write(_resolved_text)
-    os.replace(CONFIG_JSON + ".tmp", CONFIG_JSON)
+CONFIG_JSON = f"{R}/config/{config_hash(RESOLVED)}.json"
+
+
+onstart:
+    if not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text:
+        os.makedirs(os.path.dirname(CONFIG_JSON), exist_ok=True)
+        with open(CONFIG_JSON + ".tmp", "w") as _fh:
+            _fh.write(_resolved_text)
+        os.replace(CONFIG_JSON + ".tmp", CONFIG_JSON)
+
 
 STAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} {PY} -m sds.cli"
 THREADS = RESOLVED["threads"]
@@ -84,7 +124,7 @@ def rule_resources(rule_name):
 
 # Cheap rules run inside the Snakemake process even with --executor slurm (a batch job would cost more
 # in queueing than the work itself); every other rule is submitted as a job.
-localrules: all, corpus, calibration, report
+localrules: all, corpus, calibration, report, export
 
 
 def pruner_slice(*keys):
@@ -110,6 +150,7 @@ include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/prune2.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,10 @@ SHAPES = {
 
 # Peak RSS from VmHWM, not ru_maxrss: ru_maxrss survives execve, so every stage would report at least this
 # benchmark process's own peak (which holds a whole model after make_model).
-RUNNER = ("import sys; from sds.cli import main; from sds.stages import peak_rss_mib; rc = main(sys.argv[1:]); "
-          "print('PEAK_RSS_KB', int(peak_rss_mib() * 1024), file=sys.stderr); sys.exit(rc)")
+RUNNER = ("import sys, torch; from sds.cli import main; from sds.runtime import peak_rss_mib; rc = main(sys.argv[1:]); "
+          "print('PEAK_RSS_KB', int(peak_rss_mib() * 1024), file=sys.stderr); "
+          "print('PEAK_GPU_MB', torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else -1, "
+          "file=sys.stderr); sys.exit(rc)")
 
 
 def make_model(folder: Path, shape: dict, seed: int = 0) -> None:
@@ -72,14 +75,16 @@ def stage(config: Path, name: str, out: Path, **kw) -> dict:
     args = [sys.executable, "-c", RUNNER, name, "--config", str(config),
             *[f"{k}={v}" for k, v in kw.items()], f"out={out}"]
     start = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"),
-                                                                    "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
+                                                                    "MLFLOW_TRACKING_URI": ""})
     seconds = time.monotonic() - start
     (out.parent / f"{out.name}.log").write_text(proc.stderr)  # per-layer progress lines with peak RSS
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     rss = next(int(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_RSS_KB"))
-    row = {"stage": name, "seconds": seconds, "peak_rss_mib": rss / 1024, "bytes_written": du(out)}
+    gpu = next(float(l.split()[1]) for l in proc.stderr.splitlines() if l.startswith("PEAK_GPU_MB"))
+    row = {"stage": name, "seconds": seconds, "peak_rss_mib": rss / 1024, "bytes_written": du(out),
+           "peak_gpu_mib": gpu if gpu >= 0 else None}
     # one line per finished stage, so a long run shows its figures as it goes (and a log keeps them)
     print(f"  {name:14s} {seconds:9.1f} s {row['peak_rss_mib']:9.0f} MiB peak {row['bytes_written'] / 2**20:10.1f} MiB "
           f"written", flush=True)
@@ -88,7 +93,8 @@ def stage(config: Path, name: str, out: Path, **kw) -> dict:
 
 
 def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: str, work: Path,
-                 sds: bool = True, overrides: dict | None = None) -> list[dict]:
+                 sds: bool = True, overrides: dict | None = None, dense_cache: bool = False,
+                 threads: int = 2) -> list[dict]:
     from sds.config import validate_config
 
     work.mkdir(parents=True, exist_ok=True)
@@ -96,7 +102,7 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
     if not model.exists():
         make_model(model, shape)
     make_text(text, max(nsamples * seqlen * 2, 50_000), shape["vocab"])
-    cfg = validate_config({"run": "bench", "threads": 2, "model": {"source": str(model)},
+    cfg = validate_config({"run": "bench", "threads": threads, "model": {"source": str(model)},
                            "calibration": {"source": str(text), "nsamples": nsamples, "seqlen": seqlen},
                            "evaluate": {"datasets": {"calib": str(text)}, "seqlen": seqlen, "max_windows": 4},
                            "prune": {"methods": [method], "patterns": [pattern]}, "mlflow": {"enabled": False},
@@ -106,18 +112,19 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
     from sds.pruners import parse_pattern
 
     slug = parse_pattern(pattern).slug
-    rows = [stage(cfg_path, "calibration", work / "calibration.parquet", model_dir=model, corpus_dir="")]
-    common = dict(model_dir=model, calibration_file=work / "calibration.parquet")
-    rows.append(stage(cfg_path, "activations", work / "dense", **common))
+    rows = [stage(cfg_path, "calibration", work / "calibration.parquet", model_dir=model)]
+    calibration = dict(model_dir=model, calibration_file=work / "calibration.parquet")
+    rows.append(stage(cfg_path, "layer_inputs", work / "input", **calibration))
+    if dense_cache:  # only settings that fit to the dense model's own hidden states read it
+        rows.append(stage(cfg_path, "activations", work / "dense", **calibration))
+    common = dict(model_dir=model, inputs_dir=work / "input")
     p1 = work / method / slug / "prune1"
-    rows.append(stage(cfg_path, "prune1", p1, dense_dir=work / "dense", method=method, pattern=slug,
-                      cache_stream="false", **common))
+    rows.append(stage(cfg_path, "prune1", p1, method=method, pattern=slug, cache_stream="false", **common))
     if sds:
         rec = work / method / slug / "default" / "reconstruct"
-        rows.append(stage(cfg_path, "reconstruct", rec, model_dir=model, dense_dir=work / "dense", prune1_dir=p1,
-                          recon="default"))
-        rows.append(stage(cfg_path, "prune2", work / method / slug / "default" / "sds", dense_dir=work / "dense",
-                          prune1_dir=p1, reconstruct_dir=rec, method=method, pattern=slug, **common))
+        rows.append(stage(cfg_path, "reconstruct", rec, prune1_dir=p1, recon="default", **common))
+        rows.append(stage(cfg_path, "prune2", work / method / slug / "default" / "sds", prune1_dir=p1,
+                          reconstruct_dir=rec, method=method, pattern=slug, **common))
     return rows
 
 
@@ -165,14 +172,14 @@ def main() -> int:
         # One factor doubled at a time from a 1-layer OPT-125M-width base, large enough that each stage's
         # own work (not the ~5 s of imports every stage process pays) dominates its time.
         print("cost curve (sparsegpt 2:4, default solvers; seconds per stage, peak RSS over the SDS stages)")
-        print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'activ. s':>8s} {'prune1 s':>8s} "
+        print(f"{'hidden':>6s} {'layers':>6s} {'nsamples':>8s} {'seqlen':>6s} {'inputs s':>8s} {'prune1 s':>8s} "
               f"{'recon. s':>8s} {'prune2 s':>8s} {'peak MiB':>9s}", flush=True)
         for hidden, layers, n, s in curve_rows:
             shape = dict(SHAPES["opt-125m"], hidden=hidden, ffn=4 * hidden, heads=hidden // 64, layers=layers)
             rows = {r["stage"]: r for r in run_pipeline(shape, n, s, "sparsegpt", "2:4",
                                                         base / f"h{hidden}l{layers}n{n}s{s}")}
             print(f"{hidden:6d} {layers:6d} {n:8d} {s:6d} " + " ".join(
-                f"{rows[k]['seconds']:8.1f}" for k in ("activations", "prune1", "reconstruct", "prune2")) +
+                f"{rows[k]['seconds']:8.1f}" for k in ("layer_inputs", "prune1", "reconstruct", "prune2")) +
                 f" {max(rows[k]['peak_rss_mib'] for k in ('prune1', 'reconstruct', 'prune2')):9.0f}", flush=True)
         return 0
     if args.depth_check:
@@ -199,7 +206,7 @@ def main() -> int:
     print_rows(f"{args.shape} ({shape['layers']} layers), {args.method} {args.pattern}, "
                f"{args.nsamples} × {args.seqlen} calibration tokens"
                + (f", solvers cut to {args.solver_steps} steps" if args.solver_steps else ""), rows)
-    one_shot = sum(r["seconds"] for r in rows if r["stage"] in ("calibration", "activations", "prune1"))
+    one_shot = sum(r["seconds"] for r in rows if r["stage"] in ("calibration", "layer_inputs", "prune1"))
     total = sum(r["seconds"] for r in rows)
     print(f"\nSDS run {total:.1f} s vs one-shot run {one_shot:.1f} s: ratio {total / one_shot:.2f} (target ≤ 3)")
     return 0

@@ -52,9 +52,10 @@ def tiny_llama(layers=2, hidden=32, ffn=64, heads=4, vocab=128, positions=64):
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 
-def snakemake(workdir: Path, *args: str, check=True, tracking_uri: str = "") -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check=True, tracking_uri: str = "", env: dict | None = None
+              ) -> subprocess.CompletedProcess:
     proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

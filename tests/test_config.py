@@ -37,7 +37,7 @@ def test_shipped_configs_are_valid():
     (base(calibration={"seqlen": 4096}), "'calibration.seqlen' = 4096 exceeds the model's context length 256"),
     (base(reconstruct={"a": {"l1": -1}}), "'reconstruct.a.l1' = -1 is invalid: expected a number ≥ 0"),
     (base(reconstruct={"a": {"stpes": 3}}), "unknown config key 'stpes' in 'reconstruct.a'"),
-    (base(model={"source": "/nonexistent/model"}), "'model.source': path '/nonexistent/model' does not exist"),
+    (base(model={"source": "/nonexistent/model"}), "'model.source': model path '/nonexistent/model' does not exist"),
     (base(run="a b"), "'run' = 'a b' is invalid"),
     ({}, "'run' is a required property"),
 ])
@@ -52,7 +52,7 @@ def test_model_folder_without_config_named(tmp_path):
 
 
 def test_external_model_needs_a_text_source(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt", "max_position_embeddings": 64}))
     with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):
         validate_config(base(model={"source": str(tmp_path)}, calibration={"seqlen": 32}, evaluate={"seqlen": 32}))
     (tmp_path / "model.safetensors").write_bytes(b"")

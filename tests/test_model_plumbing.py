@@ -97,3 +97,78 @@ def test_layerwise_save_pretrained_replaces_only_the_given_tensors(tmp_path):
     for key, value in base.named_parameters():
         assert torch.equal(params[key], new if key == name else value), key
     assert out.lm_head.weight.data_ptr() == out.model.decoder.embed_tokens.weight.data_ptr()  # still tied
+
+
+def tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                            intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=64, sliding_window=None)).eval()
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama, tiny_mistral, tiny_qwen2])
+def test_batched_layer_passes_equal_the_full_forward_for_every_supported_family(make):
+    """A batch of sequences through the layers one at a time (the way every stage runs them) gives the
+    model's own hidden states: the rotary tables, masks and grouped-query attention are passed right."""
+    model = make()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    hidden, _ = capture_layer_inputs(model, ids)
+    kwargs = layer_kwargs(model, 16)
+    for i, layer in enumerate(decoder_layers(model)[:-1]):
+        hidden = run_layer(layer, hidden, kwargs)
+        assert torch.allclose(hidden, full[i + 1], atol=1e-5), f"layer {i}"
+
+
+def _save_config_only(folder, config):
+    folder.mkdir()
+    config.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")  # present; never read: the check needs no weights
+
+
+@pytest.mark.parametrize("make_config, arch", [
+    (lambda: __import__("transformers").GPT2Config(n_layer=1, n_embd=8, n_head=2), "GPT2LMHeadModel"),
+    (lambda: __import__("transformers").FalconConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2),
+     "FalconForCausalLM"),
+    (lambda: __import__("transformers").BloomConfig(n_layer=1, hidden_size=8, n_head=2), "BloomForCausalLM"),
+])
+def test_unsupported_architectures_are_refused_before_any_work(tmp_path, make_config, arch):
+    from sds.config import ConfigError, validate_config
+
+    config = make_config()
+    config.architectures = [arch]
+    _save_config_only(tmp_path / "m", config)
+    cfg = {"run": "x", "model": {"source": str(tmp_path / "m")}, "calibration": {"source": __file__, "seqlen": 8},
+           "evaluate": {"seqlen": 8, "datasets": {"t": __file__}}}
+    with pytest.raises(ConfigError, match=rf"unsupported architecture {arch} .*supported: OPT \(opt\) and the LLaMA"):
+        validate_config(cfg)
+    with pytest.raises(ModelError, match=f"unsupported architecture {arch}"):
+        load_model(tmp_path / "m")
+
+
+def test_sliding_window_refused_only_beyond_the_window(tmp_path):
+    from transformers import MistralConfig
+
+    from sds.config import ConfigError, validate_config
+
+    _save_config_only(tmp_path / "m", MistralConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
+                                                    num_attention_heads=2, num_key_value_heads=1, sliding_window=32,
+                                                    max_position_embeddings=128))
+    cfg = {"run": "x", "model": {"source": str(tmp_path / "m")}, "calibration": {"source": __file__, "seqlen": 32},
+           "evaluate": {"seqlen": 32, "datasets": {"t": __file__}}}
+    validate_config(cfg)  # within the window every layer sees the full causal context
+    cfg["evaluate"]["seqlen"] = 64
+    with pytest.raises(ConfigError, match="sliding-window or per-layer attention types \\(window 32\\)"):
+        validate_config(cfg)

@@ -25,7 +25,7 @@ def _digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.xxh3"))}
 
 
-@pytest.mark.parametrize("rule,output", [("activations", "activations/dense"),
+@pytest.mark.parametrize("rule,output", [("prune1", "sparsegpt/2of4/prune1"),
                                          ("reconstruct", "sparsegpt/2of4/default/reconstruct")])
 def test_killed_stage_leaves_nothing_and_rerun_is_bit_identical(micro_run, tmp_path, rule, output):
     work = _copy_run(micro_run, tmp_path)
@@ -47,7 +47,7 @@ def test_killed_stage_leaves_nothing_and_rerun_is_bit_identical(micro_run, tmp_p
 def test_corrupt_cache_is_named_then_recreated(micro_run, tmp_path):
     work = _copy_run(micro_run, tmp_path)
     cfg = work / "micro.yaml"
-    cache = work / "results" / "micro" / "activations" / "dense" / "layer_000.parquet"
+    cache = work / "results" / "micro" / "activations" / "input" / "layer_000.parquet"
     before = _digests(cache.parent)
     cache.write_bytes(cache.read_bytes()[:-100])
     proc = snakemake(work, "--cores", "1", "--configfile", str(cfg), "--forcerun", "prune1", "--until", "prune1",
@@ -68,7 +68,7 @@ def test_nan_activations_name_the_layer():
     model = tiny_opt()
     bad = torch.randn(16, 32)
     bad[3, 5] = float("nan")
-    with pytest.raises(NumericalError, match="layer 7 input of"):
+    with pytest.raises(NumericalError, match="layer 7 inputs of"):
         collect_stats(decoder_layers(model)[0], [bad], layer_kwargs(model, 16), layer_name="layer 7")
 
 

@@ -41,15 +41,13 @@ def test_rerun_is_a_no_op_and_reconstruct_change_reruns_only_downstream(micro_ru
     cfg2.write_text(yaml.safe_dump(changed))
     out = snakemake(work, "-n", "--configfile", str(cfg2)).stdout
     assert planned_jobs(out) == {"reconstruct", "prune2", "evaluate_sds", "report", "all"}
-    # a new pruning pattern reuses model, calibration and activations
+    # a new pruning pattern reuses model, calibration and the layer inputs
     changed = yaml.safe_load(cfg.read_text())
     changed["prune"]["patterns"] = ["2:4", "unstructured:0.5"]
     cfg3 = work / "micro_pattern.yaml"
     cfg3.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(snakemake(work, "-n", "--configfile", str(cfg3)).stdout)
-    assert "prune1" in jobs and not jobs & {"corpus", "build_model", "calibration", "activations"}
-    # the dry runs rewrote the resolved config; restore it for later tests
-    snakemake(work, "-n", "--configfile", str(cfg))
+    assert "prune1" in jobs and not jobs & {"corpus", "build_model", "calibration", "layer_inputs", "activations"}
 
 
 def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
@@ -68,7 +66,7 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
     assert parent.data.params["calibration.nsamples"] == "4"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.tags["sds_stage"] for r in children}
-    assert {"build_model", "calibration", "activations", "prune1/sparsegpt/2of4", "reconstruct/default",
+    assert {"build_model", "calibration", "prune1/sparsegpt/2of4", "reconstruct/default",
             "prune2/sparsegpt/2of4", "evaluate/sparsegpt/2of4/default/sds", "report"} <= stages
     sds_eval = next(r for r in children if r.data.tags["sds_stage"] == "evaluate/sparsegpt/2of4/default/sds")
     assert sds_eval.data.metrics["sparsity"] == pytest.approx(0.5)
@@ -126,7 +124,7 @@ def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
     assert not (p1 / "stream").exists(), "the pruned stream is cached only for the dense_stream target"
     saved = StatsAccumulator.from_tensors(*load_tensors_with_metadata(p1 / "stats" / "layer_000.safetensors"))
     model, _ = load_model(r / "model")
-    stream = [t.float() for t in iter_parquet_tensors(r / "activations" / "dense" / "layer_000.parquet")]
+    stream = [t.float() for t in iter_parquet_tensors(r / "activations" / "input" / "layer_000.parquet")]
     fresh = collect_stats(decoder_layers(model)[0], stream, layer_kwargs(model, stream[0].shape[0]))
     for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
         torch.testing.assert_close(saved.stats(name).H, fresh.stats(name).H, rtol=1e-5, atol=1e-6)
@@ -135,9 +133,9 @@ def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
 
 
 def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
-    from sds.io import CorruptFileError, TensorReader
+    from sds.io import CorruptFileError
     from sds.model import LayerwiseModel
-    from sds.stages import reconstruct_layer
+    from sds.passes import layer_statistics
 
     work, _, _ = micro_run
     r = work / "results" / "micro"
@@ -146,6 +144,6 @@ def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
     settings = {"inputs": "pruned", "target": "dense_stream", "l1": 0.01, "l2": 0.0, "l1_pruned_weight": 3.0,
                 "steps": 2}
     with pytest.raises(CorruptFileError, match="prune1/stream: the 'dense_stream' target needs prune1's stream"):
-        reconstruct_layer(lm, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1,
-                          first_weights=TensorReader(p1 / "weights.safetensors"),
-                          first_masks=TensorReader(p1 / "masks.safetensors"), kwargs=lm.kwargs(64))
+        lm.layer(0)
+        layer_statistics(lm, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1, kwargs=lm.kwargs(64),
+                         batch=4)

@@ -14,8 +14,9 @@ import sys
 import warnings
 
 LIST_KEYS = {"evals", "benchmarks", "checkpoints", "parts"}
-STAGES = ("corpus", "build_model", "calibration", "activations", "prune1", "prune1_adjust", "reconstruct",
-          "reconstruct_one_layer", "reconstruct_gather", "prune2", "zeroshot_tasks", "evaluate", "report")
+STAGES = ("corpus", "build_model", "calibration", "layer_inputs", "activations", "prune1", "prune1_adjust", "reconstruct",
+          "reconstruct_one_layer", "reconstruct_gather", "prune2", "zeroshot_tasks", "evaluate", "report",
+          "export")
 
 
 def _parse_pairs(pairs: list[str]) -> dict:

@@ -102,6 +102,9 @@ def _semantic_checks(config: dict) -> None:
         if builtin["hidden"] % builtin["heads"]:
             raise ConfigError(f"config key 'model.builtin.heads' = {builtin['heads']}: must divide "
                               f"model.builtin.hidden = {builtin['hidden']}")
+        if builtin["kv_heads"] is not None and builtin["heads"] % builtin["kv_heads"]:
+            raise ConfigError(f"config key 'model.builtin.kv_heads' = {builtin['kv_heads']}: must divide "
+                              f"model.builtin.heads = {builtin['heads']}")
         if builtin["seqlen"] > builtin["max_positions"]:
             raise ConfigError(f"config key 'model.builtin.seqlen' = {builtin['seqlen']} exceeds "
                               f"model.builtin.max_positions = {builtin['max_positions']}")
@@ -129,7 +132,7 @@ def _semantic_checks(config: dict) -> None:
 def _check_zeroshot(zs: dict) -> None:
     """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
     the pipeline), so a missing file is reported before any work starts."""
-    from .zeroshot import BUILTIN_TASKS, TaskDataError, resolve_tasks, task_files
+    from .tasksets import BUILTIN_TASKS, TaskDataError, resolve_tasks, task_files
 
     if not zs["enabled"]:
         return
@@ -147,25 +150,35 @@ def _check_zeroshot(zs: dict) -> None:
         raise ConfigError(f"config key 'evaluate.zeroshot.data_dir': {exc}") from None
 
 
+def model_folder(config: dict) -> Path | None:
+    """The folder of an external model (a local path, or a Hugging Face id's snapshot in the local cache);
+    None for the built-in model. Raises ConfigError naming `model.source` when there is none."""
+    from .architectures import ArchitectureError, resolve_model_dir
+
+    source = config["model"]["source"]
+    if source == "builtin":
+        return None
+    try:
+        return resolve_model_dir(source)
+    except ArchitectureError as exc:
+        raise ConfigError(f"config key 'model.source': {exc}") from None
+
+
 def model_context_length(config: dict) -> int | None:
-    """The model's max positions when it can be known without loading weights."""
+    """The model's max positions, known without loading weights. For an external model this also checks,
+    before any work, that the architecture is supported at the configured sequence lengths."""
+    from .architectures import ArchitectureError, check_supported, read_model_config
+
     model = config["model"]
     if model["source"] == "builtin":
         return model["builtin"]["max_positions"]
-    path = Path(model["source"])
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"config key 'model.source': {str(path)!r} has no config.json "
-                              "(expected a save_pretrained folder)")
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-            raise ConfigError(f"config key 'model.source': {str(path)!r} has no *.safetensors weights "
-                              "(only safetensors checkpoints are loaded)")
-        cfg = json.loads(cfg_file.read_text())
-        return cfg.get("max_position_embeddings")
-    if path.is_absolute() or model["source"].startswith("."):
-        raise ConfigError(f"config key 'model.source': path {model['source']!r} does not exist")
-    return None
+    folder = model_folder(config)
+    try:
+        cfg = read_model_config(folder)
+        check_supported(cfg, max(config["calibration"]["seqlen"], config["evaluate"]["seqlen"]), model["source"])
+    except ArchitectureError as exc:
+        raise ConfigError(f"config key 'model.source': {exc}") from None
+    return cfg.get("max_position_embeddings")
 
 
 def config_hash(config: dict) -> str:

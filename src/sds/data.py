@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-class DataError(ValueError):
-    """A text source that cannot be read or is too short; the message names it."""
+from .errors import DataError  # noqa: F401  (raised here; defined with the other shared errors)
 
 
 def hub_offline() -> None:

@@ -283,6 +283,11 @@ def _write_checksum(path: Path) -> None:
         tmp.write_text(file_digest(path) + "\n")
 
 
+def write_checksum(path: str | Path) -> None:
+    """Records the checksum sidecar of a file a stage wrote (its readers verify it)."""
+    _write_checksum(Path(path))
+
+
 def _require_checksum(path: Path) -> None:
     """Raises CorruptFileError if `path` or its checksum sidecar is missing."""
     if not path.is_file():
@@ -348,18 +353,27 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             writer.write(name, tensor)
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+# Where a read of a file this project wrote puts its tensors when the caller names no device. Stages always
+# name theirs (the one device rule: weights, caches and statistics are read straight to the stage's device);
+# the device-mixing test sets this to "meta" so that a read that forgets its device cannot go unnoticed.
+DEFAULT_READ_DEVICE = "cpu"
+
+
+def load_tensors(path: str | Path, *, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     verify_checksum(path)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        return {k: v.to(device or DEFAULT_READ_DEVICE) for k, v in tensors.items()}
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
 
 
-def load_tensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    reader = TensorReader(path)
+def load_tensors_with_metadata(path: str | Path, *, device: str | torch.device | None = None
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a file this project wrote, on `device`, and its metadata."""
+    reader = TensorReader(path, device=device)
     try:
         return {k: reader[k] for k in reader.keys()}, reader.metadata()
     finally:
@@ -504,11 +518,17 @@ class SafetensorsFile:
 
 class TensorReader(SafetensorsFile):
     """A safetensors file this project wrote: its checksum is verified once, on opening; tensors are then
-    read one at a time, so a stage that needs one layer of a checkpoint does not load all of them."""
+    read one at a time, so a stage that needs one layer of a checkpoint does not load all of them, and
+    land on `device` (see DEFAULT_READ_DEVICE)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
         verify_checksum(path)
         super().__init__(path)
+        self.device = torch.device(device or DEFAULT_READ_DEVICE)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = super().__getitem__(name)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
 
 # --- Parquet activation caches -----------------------------------------------------------------------

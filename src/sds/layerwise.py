@@ -94,6 +94,7 @@ class StatsAccumulator:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "StatsAccumulator":
+        """Statistics saved by `to_tensors` (already on the device they will be used on)."""
         acc = cls(cross=False)
         acc._groups = json.loads(meta["groups"])
         acc.tokens = 1  # the saved moments are already normalised
@@ -105,14 +106,26 @@ class StatsAccumulator:
         H = sums[0]
         return LinearStats(H, sums[1], sums[2]) if self.cross else LinearStats(H, H, H)
 
+    def check_finite(self, layer_name: str) -> None:
+        """Once per layer: any NaN/Inf in a linear's inputs makes its summed moments non-finite, so checking
+        the sums catches it without a host synchronisation per batch."""
+        for owner, sums in self._sums.items():
+            for tensor in sums:
+                check_finite(tensor, f"{layer_name} inputs of {owner}")
+
+
+def _batched(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
+
 
 def collect_stats(layer: nn.Module, stream: Iterable[torch.Tensor], kwargs: dict, *,
                   target_layer: nn.Module | None = None, target_stream: Iterable[torch.Tensor] | None = None,
                   layer_name: str = "layer") -> StatsAccumulator:
-    """Runs `layer` over `stream` (one sequence per item) and accumulates its linears' input statistics.
+    """Runs `layer` over `stream` (batches of sequences, batch × seqlen × hidden, or single sequences) and
+    accumulates its linears' input statistics.
 
     With `target_layer`/`target_stream`, also runs the target (the dense layer on the dense model's own
-    hidden states) sequence by sequence and accumulates the cross moments.
+    hidden states) batch by batch and accumulates the cross moments.
     """
     cross = target_layer is not None
     acc = StatsAccumulator(cross)
@@ -121,29 +134,33 @@ def collect_stats(layer: nn.Module, stream: Iterable[torch.Tensor], kwargs: dict
     targets = iter(target_stream) if cross else None
     try:
         for hidden in stream:
-            run_layer(layer, hidden.unsqueeze(0) if hidden.dim() == 2 else hidden, kwargs)
+            run_layer(layer, _batched(hidden), kwargs)
             target_inputs = None
             if cross:
-                t = next(targets)
-                run_layer(target_layer, t.unsqueeze(0) if t.dim() == 2 else t, kwargs)
+                run_layer(target_layer, _batched(next(targets)), kwargs)
                 target_inputs = target_rec.inputs
-            for name, x in rec.inputs.items():
-                check_finite(x, f"{layer_name} input of {name}")
             acc.add(rec.inputs, target_inputs)
     finally:
         rec.close()
         if target_rec:
             target_rec.close()
+    acc.check_finite(layer_name)
     return acc
 
 
 def propagate(layer: nn.Module, stream: Iterable[torch.Tensor], kwargs: dict, layer_name: str = "layer"
               ) -> Iterator[torch.Tensor]:
-    """Yields the layer's output for each sequence of `stream` (as 2-D seqlen × hidden tensors)."""
+    """Yields the layer's output for each batch of `stream` (batch × seqlen × hidden). Non-finite outputs
+    are detected on the device and reported once, after the last batch (before the caller's output file
+    is complete, so it is discarded)."""
+    finite = None
     for hidden in stream:
-        out = run_layer(layer, hidden.unsqueeze(0) if hidden.dim() == 2 else hidden, kwargs)[0]
-        check_finite(out, f"{layer_name} output")
+        out = run_layer(layer, _batched(hidden), kwargs)
+        ok = torch.isfinite(out).all()
+        finite = ok if finite is None else finite & ok
         yield out
+    if finite is not None and not bool(finite):
+        raise NumericalError(f"non-finite values (NaN/Inf) in {layer_name} output")
 
 
 LinearUpdate = Callable[[str, torch.Tensor, LinearStats], tuple[torch.Tensor, torch.Tensor | None, dict]]

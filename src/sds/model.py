@@ -15,22 +15,20 @@ class ModelError(ValueError):
     """A model that cannot be used, with a message naming the path or architecture."""
 
 
-def _check_local_folder(source: str | Path) -> bool:
-    """True (after checking it) when `source` names a local folder; False for a hub id."""
-    path = Path(source)
-    looks_local = path.is_absolute() or str(source).startswith(".") or path.exists() or len(path.parts) > 2
-    if looks_local:
-        if not path.is_dir():
-            raise ModelError(f"model path {str(source)!r} does not exist or is not a directory")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model path {str(source)!r} has no config.json (expected a save_pretrained folder)")
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-            raise ModelError(f"model path {str(source)!r} has no *.safetensors weights "
-                             "(only safetensors checkpoints are loaded)")
-        from .io import verify_folder
+def model_folder(source: str | Path) -> Path:
+    """The checked folder of a model: a local save_pretrained folder, or a Hugging Face id's snapshot in
+    the local cache. It must hold config.json and safetensors weights of a supported architecture; files
+    this pipeline wrote with checksums are verified."""
+    from .architectures import ArchitectureError, check_supported, read_model_config, resolve_model_dir
+    from .io import verify_folder
 
-        verify_folder(path)
-    return looks_local
+    try:
+        folder = resolve_model_dir(str(source))
+        check_supported(read_model_config(folder), 0, str(source))
+    except ArchitectureError as exc:
+        raise ModelError(str(exc)) from None
+    verify_folder(folder)
+    return folder
 
 
 def load_model(source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -38,7 +36,7 @@ def load_model(source: str | Path, *, dtype: str = "float32", trust_remote_code:
     """Loads a causal LM and its tokenizer from a local directory or hub id (offline caches honoured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_local_folder(source)
+    source = model_folder(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
@@ -89,9 +87,8 @@ class LayerwiseModel:
 
         from .io import SafetensorsFile
 
-        if not _check_local_folder(source):
-            raise ModelError(f"model {str(source)!r}: layer-wise stages read a local save_pretrained folder")
-        self.folder, self.device, self.dtype = Path(source), torch.device(device), getattr(torch, dtype)
+        source = model_folder(source)
+        self.folder, self.device, self.dtype = source, torch.device(device), getattr(torch, dtype)
         try:
             config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
             with init_empty_weights(include_buffers=False):
@@ -153,6 +150,12 @@ class LayerwiseModel:
 
     def kwargs(self, seqlen: int) -> dict:
         return layer_kwargs(self.model, seqlen)
+
+    def dims(self) -> dict:
+        """hidden, ffn and heads of the decoder layers (for sizing forward batches)."""
+        cfg = self.model.config
+        ffn = getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        return {"hidden": cfg.hidden_size, "ffn": ffn, "heads": cfg.num_attention_heads}
 
     def save_pretrained(self, out: str | Path, replaced) -> None:
         """Writes a loadable folder (config + one model.safetensors): every checkpoint tensor, taking the
@@ -221,7 +224,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> tuple[tor
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+            model(input_ids=input_ids.to(model.get_input_embeddings().weight.device), use_cache=False)
     except _Captured as captured:
         return captured.hidden.detach(), captured.kwargs
     finally:

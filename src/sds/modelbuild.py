@@ -1,4 +1,5 @@
-"""Builds the embedded default model: a BPE tokenizer and a small OPT causal LM trained on a text corpus.
+"""Builds the embedded default model: a BPE tokenizer and a small causal LM (OPT or LLaMA architecture)
+trained on a text corpus.
 
 Everything is seeded and counted in optimiser steps (never wall time), so the same config gives the
 same weights on the same hardware.
@@ -45,6 +46,25 @@ def make_opt_config(tokenizer, layers: int, hidden: int, ffn: int, heads: int, m
     )
 
 
+def make_llama_config(tokenizer, layers: int, hidden: int, ffn: int, heads: int, max_positions: int,
+                      kv_heads: int | None = None):
+    """A LLaMA-architecture config (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention when
+    kv_heads < heads), the family of SmolLM2, Mistral and Qwen2."""
+    from transformers import LlamaConfig
+
+    if kv_heads is None:
+        kv_heads = heads // 2 if heads % 2 == 0 else heads
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, attention_dropout=0.0,
+    )
+
+
+ARCHITECTURES = ("opt", "llama")
+
+
 def train_causal_lm(model, token_ids: torch.Tensor, *, steps: int, batch_size: int, seqlen: int, lr: float,
                     seed: int, progress=None) -> list[float]:
     """Trains `model` in place on random windows of `token_ids`; returns the loss curve (one per 10 steps)."""
@@ -84,15 +104,21 @@ def train_causal_lm(model, token_ids: torch.Tensor, *, steps: int, batch_size: i
 
 def build_model(text: str, out_dir: Path, *, vocab_size: int, layers: int, hidden: int, ffn: int, heads: int,
                 max_positions: int, steps: int, batch_size: int, seqlen: int, lr: float, seed: int,
-                progress=None) -> dict:
-    """Trains tokenizer + OPT model on `text` and writes both into `out_dir` ."""
-    from transformers import OPTForCausalLM
+                architecture: str = "opt", kv_heads: int | None = None, progress=None) -> dict:
+    """Trains a tokenizer + causal LM of `architecture` on `text` and writes both into `out_dir` (a plain
+    save_pretrained folder, loadable with AutoModelForCausalLM)."""
+    from transformers import AutoModelForCausalLM
 
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(text, vocab_size)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    config = make_opt_config(tokenizer, layers, hidden, ffn, heads, max_positions)
-    model = OPTForCausalLM(config)
+    if architecture == "opt":
+        config = make_opt_config(tokenizer, layers, hidden, ffn, heads, max_positions)
+    else:
+        config = make_llama_config(tokenizer, layers, hidden, ffn, heads, max_positions, kv_heads)
+    model = AutoModelForCausalLM.from_config(config)
     curve = train_causal_lm(model, ids, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr, seed=seed,
                             progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)

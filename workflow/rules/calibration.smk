@@ -2,8 +2,9 @@
 
 rule calibration:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         corpus=f"{R}/corpus" if BUILTIN else [],
+        text=CALIBRATION_TEXT,
     output:
         f"{R}/calibration.parquet",
     params:

@@ -1,5 +1,5 @@
 # Perplexity, zero-shot accuracy and achieved sparsity of every checkpoint: dense, prune1, prune1+adjust, SDS.
-from sds.zeroshot import BUILTIN_TASKS, resolve_tasks  # noqa: E402
+from sds.tasksets import BUILTIN_TASKS, resolve_tasks  # noqa: E402
 
 EVAL_DEPS = slice_of("threads", "device", "model.dtype", "evaluate")
 CORPUS_ARG = f"corpus_dir={R}/corpus" if BUILTIN else ""
@@ -24,8 +24,9 @@ rule zeroshot_tasks:
 
 rule evaluate_dense:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         corpus=f"{R}/corpus" if BUILTIN else [],
+        texts=EVAL_TEXTS,
         tasks=ZS_TASKS,
     output:
         f"{R}/eval/dense.json",
@@ -45,8 +46,9 @@ rule evaluate_dense:
 
 rule evaluate_prune1:
     input:
-        model=MODEL if BUILTIN else [],
+        model=MODEL_INPUT,
         corpus=f"{R}/corpus" if BUILTIN else [],
+        texts=EVAL_TEXTS,
         ckpt=f"{R}/{{method}}/{{pattern}}/{{stage}}",
         tasks=ZS_TASKS,
     output:
@@ -72,6 +74,7 @@ rule evaluate_prune1:
 rule evaluate_sds:
     input:
         corpus=f"{R}/corpus" if BUILTIN else [],
+        texts=EVAL_TEXTS,
         ckpt=f"{R}/{{method}}/{{pattern}}/{{recon}}/sds",
         tasks=ZS_TASKS,
     output:

@@ -1,6 +1,11 @@
-# The embedded default model: a generated corpus, then a tokenizer + small OPT trained on it.
+# The embedded default model: a generated corpus, then a tokenizer + small OPT or LLaMA trained on it.
+
+_CORPUS = RESOLVED["model"]["builtin"]["corpus"]
+
 
 rule corpus:
+    input:
+        texts=[_CORPUS["train_path"], _CORPUS["test_path"]] if BUILTIN and _CORPUS["source"] == "text" else [],
     output:
         directory(f"{R}/corpus"),
     params:

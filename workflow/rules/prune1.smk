@@ -2,13 +2,12 @@
 
 rule prune1:
     input:
-        model=MODEL if BUILTIN else [],
-        calibration=f"{R}/calibration.parquet",
-        dense=f"{R}/activations/dense",
+        model=MODEL_INPUT,
+        inputs=INPUTS,
     output:
         directory(f"{R}/{{method}}/{{pattern}}/prune1"),
     params:
-        deps=pruner_slice("threads", "device", "model.dtype", "activations"),
+        deps=pruner_slice("threads", "device", "model.dtype", "activations", "forward_batch"),
         cache_stream="true" if PRUNED_STREAM else "false",
     threads: THREADS
     resources:
@@ -18,22 +17,23 @@ rule prune1:
     benchmark:
         f"{R}/benchmarks/prune1/{{method}}_{{pattern}}.tsv"
     shell:
-        "{STAGE} prune1 --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
-        "dense_dir={input.dense:q} method={wildcards.method} pattern={wildcards.pattern} "
-        "cache_stream={params.cache_stream} out={output:q} 2>&1 | tee {log:q}"
+        "{STAGE} prune1 --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
+        "method={wildcards.method} pattern={wildcards.pattern} cache_stream={params.cache_stream} out={output:q} "
+        "2>&1 | tee {log:q}"
 
 
 rule prune1_adjust:
     input:
-        model=MODEL if BUILTIN else [],
-        calibration=f"{R}/calibration.parquet",
-        dense=f"{R}/activations/dense",
+        model=MODEL_INPUT,
+        inputs=INPUTS,
+        dense=DENSE if ADJUST_NEEDS_DENSE else [],
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",
     output:
         directory(f"{R}/{{method}}/{{pattern}}/prune1_adjust"),
     params:
-        deps=slice_of("threads", "device", "model.dtype", "prune2.adjust", "prune2.adjust_steps",
+        deps=slice_of("threads", "device", "model.dtype", "forward_batch", "prune2.adjust", "prune2.adjust_steps",
                       "prune2.adjust_target", "prune2.percdamp"),
+        dense_arg=f"dense_dir={DENSE}" if ADJUST_NEEDS_DENSE else "",
     threads: THREADS
     resources:
         **rule_resources("prune1_adjust"),
@@ -42,5 +42,5 @@ rule prune1_adjust:
     benchmark:
         f"{R}/benchmarks/prune1_adjust/{{method}}_{{pattern}}.tsv"
     shell:
-        "{STAGE} prune1_adjust --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
-        "dense_dir={input.dense:q} prune1_dir={input.prune1:q} out={output:q} 2>&1 | tee {log:q}"
+        "{STAGE} prune1_adjust --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
+        "{params.dense_arg} prune1_dir={input.prune1:q} out={output:q} 2>&1 | tee {log:q}"

@@ -2,15 +2,16 @@
 
 rule prune2:
     input:
-        model=MODEL if BUILTIN else [],
-        calibration=f"{R}/calibration.parquet",
-        dense=f"{R}/activations/dense",
+        model=MODEL_INPUT,
+        inputs=INPUTS,
+        dense=DENSE if ADJUST_NEEDS_DENSE else [],
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",
         reconstruct=f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct",
     output:
         directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
     params:
-        deps=pruner_slice("threads", "device", "model.dtype", "prune2"),
+        deps=pruner_slice("threads", "device", "model.dtype", "forward_batch", "prune2"),
+        dense_arg=f"dense_dir={DENSE}" if ADJUST_NEEDS_DENSE else "",
     threads: THREADS
     resources:
         **rule_resources("prune2"),
@@ -19,6 +20,6 @@ rule prune2:
     benchmark:
         f"{R}/benchmarks/prune2/{{method}}_{{pattern}}_{{recon}}.tsv"
     shell:
-        "{STAGE} prune2 --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
-        "dense_dir={input.dense:q} prune1_dir={input.prune1:q} reconstruct_dir={input.reconstruct:q} "
-        "method={wildcards.method} pattern={wildcards.pattern} out={output:q} 2>&1 | tee {log:q}"
+        "{STAGE} prune2 --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} {params.dense_arg} "
+        "prune1_dir={input.prune1:q} reconstruct_dir={input.reconstruct:q} method={wildcards.method} "
+        "pattern={wildcards.pattern} out={output:q} 2>&1 | tee {log:q}"

@@ -3,31 +3,38 @@
 # ({layer} wildcard) and a gather rule merges them into the same checkpoint layout.
 
 RECON_DEPS = lambda wc: json.dumps({"settings": RESOLVED["reconstruct"][wc.recon], "threads": THREADS,
-                                    "dtype": RESOLVED["model"]["dtype"]}, sort_keys=True)
+                                    "dtype": RESOLVED["model"]["dtype"],
+                                    "forward_batch": RESOLVED["forward_batch"]}, sort_keys=True)
+
+
+def recon_dense(wildcards):
+    """The dense activation cache, for the settings that run the dense layer on cached streams."""
+    return [DENSE] if recon_needs_dense(wildcards.recon) else []
+
+
+def recon_dense_arg(wildcards):
+    return f"dense_dir={DENSE}" if recon_needs_dense(wildcards.recon) else ""
 
 
 def n_decoder_layers():
     if BUILTIN:
         return RESOLVED["model"]["builtin"]["layers"]
-    cfg = Path(RESOLVED["model"]["source"]) / "config.json"
-    if not cfg.is_file():
-        from snakemake.exceptions import WorkflowError
-
-        raise WorkflowError("layer_parallel needs a local model folder (its config.json gives the layer count)")
-    return json.loads(cfg.read_text())["num_hidden_layers"]
+    return json.loads((Path(MODEL) / "config.json").read_text())["num_hidden_layers"]
 
 
 if not RESOLVED["layer_parallel"]:
 
   rule reconstruct:
       input:
-          model=MODEL if BUILTIN else [],
-          dense=f"{R}/activations/dense",
+          model=MODEL_INPUT,
+          inputs=INPUTS,
+          dense=recon_dense,
           prune1=f"{R}/{{method}}/{{pattern}}/prune1",
       output:
           directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct"),
       params:
           deps=RECON_DEPS,
+          dense_arg=recon_dense_arg,
       threads: THREADS
       resources:
           **rule_resources("reconstruct"),
@@ -36,15 +43,16 @@ if not RESOLVED["layer_parallel"]:
       benchmark:
           f"{R}/benchmarks/reconstruct/{{method}}_{{pattern}}_{{recon}}.tsv"
       shell:
-          "{STAGE} reconstruct --config {CONFIG_JSON} model_dir={MODEL:q} dense_dir={input.dense:q} "
-          "prune1_dir={input.prune1:q} recon={wildcards.recon} out={output:q} 2>&1 | tee {log:q}"
+          "{STAGE} reconstruct --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
+          "{params.dense_arg} prune1_dir={input.prune1:q} recon={wildcards.recon} out={output:q} 2>&1 | tee {log:q}"
 
 else:
 
   rule reconstruct_layer:
       input:
-          model=MODEL if BUILTIN else [],
-          dense=f"{R}/activations/dense",
+          model=MODEL_INPUT,
+          inputs=INPUTS,
+          dense=recon_dense,
           prune1=f"{R}/{{method}}/{{pattern}}/prune1",
       output:
           directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct_layers/{{layer}}"),
@@ -52,6 +60,7 @@ else:
           layer=r"\d+",
       params:
           deps=RECON_DEPS,
+          dense_arg=recon_dense_arg,
       threads: THREADS
       resources:
           **rule_resources("reconstruct"),
@@ -60,8 +69,8 @@ else:
       benchmark:
           f"{R}/benchmarks/reconstruct_layer/{{method}}_{{pattern}}_{{recon}}_{{layer}}.tsv"
       shell:
-          "{STAGE} reconstruct_one_layer --config {CONFIG_JSON} model_dir={MODEL:q} dense_dir={input.dense:q} "
-          "prune1_dir={input.prune1:q} recon={wildcards.recon} layer={wildcards.layer} out={output:q} "
+          "{STAGE} reconstruct_one_layer --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
+          "{params.dense_arg} prune1_dir={input.prune1:q} recon={wildcards.recon} layer={wildcards.layer} out={output:q} "
           "2>&1 | tee {log:q}"
 
   rule reconstruct_gather:

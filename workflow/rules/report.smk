@@ -3,11 +3,16 @@
 EVALS = [f"{R}/eval/dense.json"] + [
     f"{R}/eval/{m}/{p}/{s}.json" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")
 ] + [f"{R}/eval/{m}/{p}/{r}/sds.json" for m in METHODS for p in PATTERNS for r in RECONS]
-HIST_CKPTS = [f"{R}/{METHODS[0]}/{PATTERNS[0]}/prune1", f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/reconstruct",
-              f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/sds"]
+# Every sparse checkpoint folder (its layers.json: per-linear errors by stage), and the first method and
+# pattern's dense reconstruction (for the weight histograms, drawn for the first folder's method and pattern).
+CKPTS = [f"{R}/{m}/{p}/{s}" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")]
+CKPTS += [f"{R}/{m}/{p}/{r}/sds" for m in METHODS for p in PATTERNS for r in RECONS]
+CKPTS += [f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/reconstruct"]
 
 _B = f"{R}/benchmarks"
-BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "activations"]]
+DENSE_NEEDED = ADJUST_NEEDS_DENSE or any(recon_needs_dense(r) for r in RECONS)
+BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]
+              + (["activations"] if DENSE_NEEDED else [])]
 BENCHMARKS += [f"{_B}/{s}/{m}_{p}.tsv" for s in ("prune1", "prune1_adjust") for m in METHODS for p in PATTERNS]
 BENCHMARKS += [f"{_B}/{s}/{m}_{p}_{r}.tsv" for s in ("reconstruct", "prune2") for m in METHODS for p in PATTERNS
                for r in RECONS]
@@ -20,7 +25,7 @@ BENCHMARKS += [f"{_B}/zeroshot_tasks/zeroshot_tasks.tsv"] if ZS_TASKS else []
 rule report:
     input:
         evals=EVALS,
-        checkpoints=HIST_CKPTS,
+        checkpoints=CKPTS,
     output:
         report=f"{R}/report/report.md",
         table=f"{R}/report/table.csv",

@@ -1,0 +1,82 @@
+"""The SDS method, one linear layer at a time: what each stage does to a weight matrix given its input
+statistics. Pure functions on tensors (the stages read and write, `passes` drives the layers); the
+per-linear maths itself is in `pruners` and `reconstruct`.
+
+    first prune      W_d → (W₁, M₁)                      a one-shot pruner on the dense weights
+    adjust ablation  (W₁, M₁) → W₁′                      refit the kept weights, mask fixed (no dense phase)
+    reconstruction   (W₁, M₁) → W_r                      dense refit from W₁ with a sparsity-promoting L1
+                                                         weighted Ω = l1_pruned_weight where M₁ removed
+    second prune     W_r → (W₂, M₂) → W₂′                the same pruner, then the adjustment; with
+                                                         `fallback`, (W₁, M₁) is kept if it fits better
+
+Every objective is the layer's output error against the dense weights, E(W) = E‖W_d x′ − W x‖².
+"""
+from __future__ import annotations
+
+import torch
+
+from .patterns import Pattern
+from .pruners import prune
+from .reconstruct import LinearStats, adjust, fista, relative_error
+
+
+def first_prune(method: str, W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, pattern: Pattern,
+                prune_settings: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    new_W, mask = prune(method, W, pattern, hessian=stats.H, blocksize=prune_settings["blocksize"],
+                        percdamp=prune_settings["percdamp"])
+    return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
+                         "sparsity": 1 - float(mask.float().mean())}
+
+
+def adjust_weights(prune2_settings: dict, W_dense: torch.Tensor, stats: LinearStats, mask: torch.Tensor,
+                   W_init: torch.Tensor) -> torch.Tensor:
+    """The post-prune adjustment with the mask fixed ('none': the pruned weights as they are)."""
+    if prune2_settings["adjust"] == "none":
+        return W_init * mask
+    return adjust(W_dense, stats, mask, W_init, solver=prune2_settings["adjust"], steps=prune2_settings["adjust_steps"],
+                  percdamp=prune2_settings["percdamp"])
+
+
+def adjusted_first_prune(prune2_settings: dict, W_first: torch.Tensor, mask: torch.Tensor, W_dense: torch.Tensor,
+                         stats: LinearStats) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    new_W = adjust_weights(prune2_settings, W_dense, stats, mask, W_first)
+    return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
+                         "rel_error_before": relative_error(W_first, W_dense, stats)}
+
+
+def l1_weights(mask_first: torch.Tensor, pruned_weight: float) -> torch.Tensor:
+    """Ω: 1 on the weights the first prune kept, `pruned_weight` on the ones it removed, so the dense phase
+    lets removed weights return only where they earn it."""
+    ones = torch.ones(mask_first.shape, dtype=torch.float32, device=mask_first.device)
+    return torch.where(mask_first, ones, ones * pruned_weight)
+
+
+def reconstruct_linear(settings: dict, W_first: torch.Tensor, mask_first: torch.Tensor, W_dense: torch.Tensor,
+                       stats: LinearStats) -> tuple[torch.Tensor, dict]:
+    """The dense phase: every weight free again, fitted from the first prune's weights."""
+    W = fista(W_first, W_dense, stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
+              l1_weights=l1_weights(mask_first, settings["l1_pruned_weight"]))
+    return W, {"rel_error_before": relative_error(W_first, W_dense, stats),
+               "rel_error": relative_error(W, W_dense, stats),
+               "near_zero": float((W.abs() < 1e-8).float().mean())}
+
+
+def second_prune(method: str, W_recon: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, pattern: Pattern,
+                 prune_settings: dict, prune2_settings: dict, first: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Prunes the reconstructed weights with the first prune's pruner and pattern, adjusts them, and with
+    `prune2.fallback` keeps the first prune's (weights, mask) when those fit the calibration target better
+    (the paper's early exit). `first`: the first prune's (weights, mask) of this linear."""
+    pruned, mask = prune(method, W_recon, pattern, hessian=stats.H, blocksize=prune_settings["blocksize"],
+                         percdamp=prune_settings["percdamp"])
+    new_W = adjust_weights(prune2_settings, W_dense, stats, mask, pruned)
+    info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
+            "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
+    if prune2_settings["fallback"] and first is not None:
+        W_first, mask_first = first
+        first_error = relative_error(W_first, W_dense, stats)
+        info["rel_error_prune1"] = first_error
+        if first_error < info["rel_error"]:
+            new_W, mask = W_first.float(), mask_first.bool()
+            info.update(rel_error=first_error, fallback=True)
+    return new_W, mask, info

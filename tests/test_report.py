@@ -1,0 +1,242 @@
+"""The report's figures, rendered from a synthetic run (eval JSONs, benchmark TSVs, checkpoint folders with
+layers.json and weights): nothing overlaps, and every evaluated checkpoint is drawn with its own number."""
+import csv
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sds.config import validate_config
+from sds.patterns import parse_pattern
+from sds.report import build_report, checkpoint_of, figures, read_evals, _benchmark_seconds
+
+METHODS = ["sparsegpt", "wanda", "magnitude", "admm", "obc", "sparsellm"]
+PATTERNS = ["2:4", "unstructured:0.5", "4:8", "unstructured:0.7", "1:4"]
+STAGES = ["prune1", "prune1+adjust", "sds"]
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]
+HIST_KEY = "model.decoder.layers.0.fc1.weight"
+
+
+def _zeroshot(acc, stderr):
+    return {"tasks": {"a": {"acc": acc, "acc_stderr": stderr, "n": 100}, "b": {"acc": acc, "acc_stderr": stderr,
+                                                                              "n": 100}},
+            "mean": {"acc": acc, "acc_stderr": stderr / 2 ** 0.5, "acc_norm": acc, "acc_norm_stderr": stderr}}
+
+
+def synthetic_run(root, n_methods=3, n_patterns=3, recons=("default",), layers=12, datasets=("builtin", "held_out")):
+    """A run's files as the pipeline lays them out; every number differs so a mix-up shows."""
+    g = torch.Generator().manual_seed(0)
+    R = root / "results" / "t"
+    evals, benchmarks, checkpoints = [], [], []
+
+    def write_eval(path, stage, method="", pattern="", recon="", ppl=10.0, acc=0.8):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stage": stage, "method": method, "pattern": pattern, "recon": recon,
+                                    "ppl": {ds: (i + 1) * ppl for i, ds in enumerate(datasets)}, "windows": {"builtin": 4},
+                                    "sparsity": 0.0 if stage == "dense" else 0.5,
+                                    "zeroshot": _zeroshot(acc, 0.03), "seconds": 1.0}))
+        evals.append(str(path))
+
+    def write_ckpt(path, errors):
+        path.mkdir(parents=True)
+        names = [f"model.decoder.layers.{i}.{n}.weight" for i in range(layers) for n in LINEARS]
+        (path / "layers.json").write_text(json.dumps(
+            {"linears": {n: {"rel_error": e, "rel_error_before": 2 * e} for n, e in zip(names, errors)}}, sort_keys=True))
+        save_file({HIST_KEY: torch.randn(16, 8, generator=g)}, str(path / "weights.safetensors"))
+        checkpoints.append(str(path))
+
+    (root / "model").mkdir(parents=True)
+    save_file({HIST_KEY: torch.randn(16, 8, generator=g)}, str(root / "model" / "model.safetensors"))
+    write_eval(R / "eval" / "dense.json", "dense", ppl=20.0, acc=0.9)
+    n_lin = layers * len(LINEARS)
+    for k, (method, pattern) in enumerate(itertools.product(METHODS[:n_methods], PATTERNS[:n_patterns])):
+        slug = parse_pattern(pattern).slug
+        first = 0.05 + 0.2 * torch.rand(n_lin, generator=g)
+        write_eval(R / "eval" / method / slug / "prune1.json", "prune1", method, pattern, ppl=21.0 + k, acc=0.85 - k / 100)
+        write_eval(R / "eval" / method / slug / "prune1_adjust.json", "prune1+adjust", method, pattern,
+                   ppl=20.5 + k / 2, acc=0.87 - k / 200)
+        write_ckpt(R / method / slug / "prune1", first.tolist())
+        write_ckpt(R / method / slug / "prune1_adjust", (first * 0.6).tolist())
+        for j, recon in enumerate(recons):
+            write_eval(R / "eval" / method / slug / recon / "sds.json", "sds", method, pattern, recon,
+                       ppl=20.2 + k / 4 + j / 10, acc=0.88 - k / 300)
+            write_ckpt(R / method / slug / recon / "sds", (first * (0.4 + j / 10)).tolist())
+        for stage in ("prune1", "prune1_adjust", "evaluate"):
+            benchmarks.append(R / "benchmarks" / stage / f"{method}_{slug}.tsv")
+    for stage in ("calibration", "activations", "report"):
+        benchmarks.append(R / "benchmarks" / stage / f"{stage}.tsv")
+    for i, b in enumerate(benchmarks):
+        b.parent.mkdir(parents=True, exist_ok=True)
+        b.write_text("s\th:m:s\tmax_rss\n" f"{3.5 + i}\t0:00:03\t100\n")
+    m0, p0 = METHODS[0], parse_pattern(PATTERNS[0]).slug
+    write_ckpt(R / m0 / p0 / recons[0] / "reconstruct", [0.01] * n_lin)
+    cfg = validate_config({"run": "t", "evaluate": {"datasets": {ds: "builtin" for ds in datasets}}})
+    return cfg, evals, [str(b) for b in benchmarks], checkpoints, str(root / "model")
+
+
+def _figures(run):
+    cfg, evals, benchmarks, ckpts, model_dir = run
+    return {p.name: p.figure for p in figures(cfg, read_evals(evals), _benchmark_seconds(benchmarks),
+                                               [checkpoint_of(c) for c in ckpts], model_dir)}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The 3 methods × 3 patterns run: its report written (summary.csv, report.md, PNGs) and its figures."""
+    root = tmp_path_factory.mktemp("run")
+    run = synthetic_run(root)
+    cfg, evals, benchmarks, ckpts, model_dir = run
+    artifacts = build_report(cfg, evals, benchmarks, root / "report", root / "summary.csv", model_dir, ckpts)
+    return root, evals, artifacts, _figures(run)
+
+
+def _in_view(ax, label, axis):
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    pos = label.get_position()[0 if axis == "x" else 1]
+    return lo - 1e-9 <= pos <= hi + 1e-9
+
+
+def tick_labels(fig):
+    """The tick labels a drawn figure shows: visible, non-empty, at a tick inside the axes' view."""
+    return [t for ax in fig.axes if ax.get_visible() for axis in "xy"
+            for t in getattr(ax, f"get_{axis}ticklabels")() if t.get_visible() and t.get_text() and _in_view(ax, t, axis)]
+
+
+def drawn_texts(fig):
+    """Every text a drawn figure shows: tick labels, bar labels, titles, axis labels, legend entries."""
+    from matplotlib.text import Text
+
+    every_tick = {id(t) for ax in fig.axes for t in ax.get_xticklabels() + ax.get_yticklabels()}
+    return tick_labels(fig) + [t for t in fig.findobj(Text) if id(t) not in every_tick and t.get_visible()
+                               and t.get_text().strip() and (t.axes is None or t.axes.get_visible())]
+
+
+def overlapping_texts(fig):
+    """Pairs of drawn texts whose rendered window extents intersect."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    clashes = []
+    for (ta, a), (tb, b) in itertools.combinations(boxes, 2):
+        if min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5:
+            clashes.append((ta, tb))
+    return clashes
+
+
+def clipped_texts(fig):
+    """Drawn texts that leave the canvas, and value labels that leave their axes (a clipped label is as
+    unreadable as an overlapping one)."""
+    renderer = fig.canvas.get_renderer()
+    w, h = fig.canvas.get_width_height()
+    out = []
+    for t in drawn_texts(fig):
+        box = t.get_window_extent(renderer)
+        if box.x0 < -1 or box.y0 < -1 or box.x1 > w + 1 or box.y1 > h + 1:
+            out.append(t.get_text())
+    for ax in fig.axes:
+        frame = ax.get_window_extent(renderer)
+        for t in ax.texts:  # bar value labels
+            box = t.get_window_extent(renderer)
+            if box.x0 < frame.x0 - 1 or box.x1 > frame.x1 + 1:
+                out.append(t.get_text())
+    return out
+
+
+def drawn_bars(fig):
+    """gid → bar width (the drawn value) of every bar carrying a gid."""
+    from matplotlib.patches import Rectangle
+
+    return {p.get_gid(): p.get_width() for p in fig.findobj(Rectangle) if p.get_gid() and "|" in p.get_gid()}
+
+
+FIGURES = {"ppl.png", "layer_errors.png", "zeroshot.png", "seconds.png", "histograms.png"}
+
+
+def test_every_checkpoint_of_summary_is_drawn_with_its_increase_over_dense(rendered):
+    root, evals, artifacts, plots = rendered
+    rows = list(csv.DictReader((root / "summary.csv").open()))
+    pruned = [r for r in rows if r["stage"] != "dense"]
+    assert len({(r["method"], r["pattern"], r["stage"]) for r in pruned}) == 3 * 3 * 3
+    ppl = plots["ppl.png"]
+    panels = {ax.get_title(loc="left").split(":")[0]: ax for ax in ppl.axes}
+    assert set(panels) == {"builtin", "held_out"}
+    dense = {r["dataset"]: float(r["ppl"]) for r in rows if r["stage"] == "dense"}
+    for ds, ax in panels.items():
+        assert f"dense PPL {dense[ds]:.3f}" in ax.get_title(loc="left")
+        bars = drawn_bars(ax)
+        expected = {f"{r['method']}|{r['pattern']}|{r['stage']}|{'' if r['recon'] == '-' else r['recon']}":
+                    100 * (float(r["ppl"]) / dense[ds] - 1) for r in pruned if r["dataset"] == ds}
+        assert set(bars) == set(expected)
+        for key, value in expected.items():
+            assert bars[key] == pytest.approx(value, abs=1e-3), key  # summary.csv keeps 4 decimals
+    legend = [t.get_text() for t in ppl.legends[0].get_texts()]
+    assert legend == ["one-shot", "one-shot + adjust", "SDS"]
+    # zero-shot: the same groups and stages, each bar the change in mean accuracy over dense
+    zs = drawn_bars(plots["zeroshot.png"])
+    dense_acc = 0.9
+    for path in evals:
+        r = json.loads(open(path).read())
+        if r["method"]:
+            assert zs[f"{r['method']}|{r['pattern']}|{r['stage']}|{r['recon']}"] == \
+                pytest.approx(100 * (r["zeroshot"]["mean"]["acc"] - dense_acc))
+    # the saved files are the artifacts the stage logs, and report.md links each with its sentence
+    md = (root / "report" / "report.md").read_text()
+    for name in FIGURES:
+        assert str(root / "report" / name) in artifacts
+        assert (root / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    assert md.index("](ppl.png)") < md.index("## Perplexity on")
+
+
+def test_layer_errors_draw_every_linear_of_every_sparse_checkpoint(rendered):
+    root, _, _, plots = rendered
+    from matplotlib.collections import PathCollection
+
+    drawn = {c.get_gid(): c for c in plots["layer_errors.png"].findobj(PathCollection) if c.get_gid()}
+    found = 0
+    for path in (root / "results" / "t").rglob("layers.json"):
+        ckpt = checkpoint_of(path.parent)
+        if ckpt.stage == "reconstruct":
+            assert not any(k.endswith("|reconstruct|default") for k in drawn)
+            continue
+        errors = [v["rel_error"] for v in json.loads(path.read_text())["linears"].values()]
+        points = drawn[f"{ckpt.method}|{ckpt.pattern}|{ckpt.stage}|{ckpt.recon}"].get_offsets()
+        assert sorted(points[:, 1].tolist()) == pytest.approx(sorted(errors))
+        found += 1
+    assert found == 3 * 3 * 3
+    md = (root / "report" / "report.md").read_text()
+    table = md.split("## Relative output error")[1]
+    first = [v["rel_error"] for v in json.loads((root / "results" / "t" / "wanda" / "4of8" / "prune1" /
+                                                  "layers.json").read_text())["linears"].values()]
+    assert f"| wanda | 4:8 | {sum(first) / len(first):.4f} | " in table
+
+
+def _assert_readable(plots):
+    assert set(plots) == FIGURES
+    for name, fig in plots.items():
+        fig.canvas.draw()
+        assert len(tick_labels(fig)) >= 3, name
+        assert overlapping_texts(fig) == [], name
+        assert clipped_texts(fig) == [], name
+
+
+def test_no_two_labels_overlap_in_any_figure(rendered):
+    _assert_readable(rendered[3])
+
+
+@pytest.mark.parametrize("shape", [dict(n_methods=5, n_patterns=4, recons=("default", "l1"), layers=24,
+                                        datasets=("builtin",)),
+                                   dict(n_methods=1, n_patterns=1, layers=2, datasets=("builtin",))])
+def test_no_two_labels_overlap_for_few_or_many_methods_patterns_and_layers(tmp_path, shape):
+    _assert_readable(_figures(synthetic_run(tmp_path, **shape)))
+
+
+def test_figures_are_byte_identical_across_renders(tmp_path):
+    cfg, evals, benchmarks, ckpts, model_dir = synthetic_run(tmp_path, n_methods=2, n_patterns=1, layers=2)
+    first, second = (build_report(cfg, evals, benchmarks, tmp_path / out, tmp_path / "summary.csv", model_dir, ckpts)
+                     for out in ("a", "b"))
+    pngs = [(a, b) for a, b in zip(first, second) if a.endswith(".png")]
+    assert len(pngs) == 5
+    for a, b in pngs:
+        assert open(a, "rb").read() == open(b, "rb").read(), a
