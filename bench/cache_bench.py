@@ -3,7 +3,7 @@
     .venv/bin/python bench/cache_bench.py                       # read/write rates, 128 × 2048 × 768, ~3 min
     .venv/bin/python bench/cache_bench.py --nsamples 16 --quick # the default setting only
     .venv/bin/python bench/cache_bench.py --cache-file results/default/activations/dense/layer_001.parquet
-    .venv/bin/python bench/cache_bench.py --stage-share --nsamples 128 --seqlen 2048 --layers 2   # ~20 min
+    .venv/bin/python bench/cache_bench.py --stage-share --nsamples 128 --seqlen 2048 --layers 2   # ~40 min
 
 Rates: for each setting (dtype, compression, row-group size) it writes one layer's cache with
 ParquetTensorWriter, then reads it back with iter_parquet_tensors (through pyarrow, XXH3 verification on,
@@ -12,11 +12,12 @@ buffer), cold (the file's pages dropped from the page cache first) and warm; the
 included) is shown beside a plain write of the same tensor bytes. Rates are tensor bytes per second;
 "vs plain" is the cache read rate over the plain read rate.
 
-Stage share (--stage-share): runs calibration, activations, prune1, reconstruct and prune2 on a random
-model of the OPT-125M shape (bench/scale_bench.py's), each stage its own process as Snakemake runs it,
-with the Parquet cache I/O timed inside the process: time spent in iter_parquet_tensors (reading,
-decoding, waiting for the checksum), in ParquetTensorWriter (copying rows in, encoding, writing, the
-checksum) and the checksum thread's CPU time. Printed per stage against the stage's own time.
+Stage share (--stage-share): runs calibration, layer_inputs, prune1, reconstruct and prune2 (and, with
+--dense-cache, activations) on a random model of the OPT-125M shape (bench/scale_bench.py's), each stage
+its own process as Snakemake runs it, with the Parquet cache I/O timed inside the process: reading
+(iter_parquet_tensors: file reads, Arrow decoding, the checksum wait) on the stream's reading thread, the
+time the stage waits for its next batch, writing (ParquetTensorWriter: copying rows in, encoding, writing,
+the checksum) and the checksum thread's CPU time. The share is (wait + write) over the stage's own time.
 """
 from __future__ import annotations
 
@@ -161,32 +162,37 @@ def rates(args) -> int:
 
 # --- cache-I/O share of each stage -------------------------------------------------------------------------
 
-# Runs one stage through the CLI with the cache I/O of sds.io wrapped in timers (this process only).
+# Runs one stage through the CLI with the cache I/O of sds.io and sds.streams wrapped in timers (this
+# process only). Stages read their streams on a background thread (sds.streams.read_batches prefetches), so
+# reading is timed twice: in the reading thread ("read s", overlapped with compute) and as the time the
+# stage waits for the next batch ("wait s", on its critical path). Writes happen on the stage's thread.
 RUNNER = r"""
 import json, sys, time
 import sds.io as io
-import sds.stages as stages
-acc = {"read_s": 0.0, "read_bytes": 0, "write_s": 0.0, "write_bytes": 0, "hash_cpu_s": 0.0}
-read = io.iter_parquet_tensors
-def timed_read(*a, **k):
-    rows = read(*a, **k)
+import sds.passes as passes
+import sds.streams as streams
+acc = {"read_s": 0.0, "read_bytes": 0, "wait_s": 0.0, "write_s": 0.0, "write_bytes": 0, "hash_cpu_s": 0.0}
+def timed(generator, key, count=None):
     while True:
         start = time.perf_counter()
         try:
-            row = next(rows)
+            item = next(generator)
         except StopIteration:
-            acc["read_s"] += time.perf_counter() - start
+            acc[key] += time.perf_counter() - start
             return
-        acc["read_s"] += time.perf_counter() - start
-        acc["read_bytes"] += row.numel() * row.element_size()
-        yield row
-stages.iter_parquet_tensors = io.iter_parquet_tensors = timed_read
+        acc[key] += time.perf_counter() - start
+        if count:
+            acc[count] += item.numel() * item.element_size()
+        yield item
+read, batches = streams.iter_parquet_tensors, streams.read_batches
+streams.iter_parquet_tensors = lambda *a, **k: timed(read(*a, **k), "read_s", "read_bytes")
+streams.read_batches = passes.read_batches = lambda *a, **k: timed(batches(*a, **k), "wait_s")
 append, close = io.ParquetTensorWriter.append, io.ParquetTensorWriter.close
 def timed_append(self, tensor):
     start = time.perf_counter()
     append(self, tensor)
     acc["write_s"] += time.perf_counter() - start
-    acc["write_bytes"] += tensor.numel() * self._block.element_size()
+    acc["write_bytes"] += tensor.numel() * self.dtype.itemsize
 def timed_close(self):
     start = time.perf_counter()
     close(self)
@@ -206,24 +212,31 @@ print("CACHE_IO " + json.dumps(acc), file=sys.stderr)
 sys.exit(rc)
 """
 
+HEADER = (f"{'stage':12s} {'wall s':>8s} {'stage s':>8s} {'read s':>7s} {'read GB':>7s} {'wait s':>7s} "
+          f"{'write s':>7s} {'wr. GB':>7s} {'hash s':>7s} {'share':>7s}")
+
+
+def _row_line(name: str, wall: float, acc: dict) -> str:
+    """share = (waiting for reads + writing) / the stage's time: the cache I/O on the stage's critical path."""
+    blocking = acc["wait_s"] + acc["write_s"]
+    return (f"{name:12s} {wall:8.1f} {acc['stage_s']:8.1f} {acc['read_s']:7.1f} {acc['read_bytes'] / 1e9:7.2f} "
+            f"{acc['wait_s']:7.1f} {acc['write_s']:7.1f} {acc['write_bytes'] / 1e9:7.2f} {acc['hash_cpu_s']:7.1f} "
+            f"{100 * blocking / acc['stage_s']:6.1f}%")
+
 
 def run_stage(config: Path, name: str, out: Path, **kw) -> dict:
     args = [sys.executable, "-c", RUNNER, name, "--config", str(config), *[f"{k}={v}" for k, v in kw.items()],
             f"out={out}"]
     start = time.monotonic()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=out.parent,
-                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "MLFLOW_TRACKING_URI": ""})
     wall = time.monotonic() - start
     (out.parent / f"{out.name}.log").write_text(proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     acc = json.loads(next(l for l in proc.stderr.splitlines() if l.startswith("CACHE_IO "))[len("CACHE_IO "):])
-    row = {"stage": name, "wall_s": wall, **acc}
-    io_s = acc["read_s"] + acc["write_s"]
-    print(f"{name:12s} {wall:8.1f} {acc['stage_s']:8.1f} {acc['read_s']:7.1f} {acc['read_bytes'] / 1e9:7.2f} "
-          f"{acc['write_s']:7.1f} {acc['write_bytes'] / 1e9:7.2f} {acc['hash_cpu_s']:7.1f} "
-          f"{100 * io_s / acc['stage_s']:6.1f}%", flush=True)
-    return row
+    print(_row_line(name, wall, acc), flush=True)
+    return {"stage": name, "wall_s": wall, **acc}
 
 
 def stage_share(args) -> int:
@@ -245,27 +258,26 @@ def stage_share(args) -> int:
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg))
     print(f"OPT-125M shape, {shape['layers']} layers, {args.nsamples} × {args.seqlen} tokens, SparseGPT 2:4, default "
-          f"settings (fp16 cache, row groups of {cfg['activations']['row_group_size']}); 2 threads; {work}")
-    print(f"{'stage':12s} {'wall s':>8s} {'stage s':>8s} {'read s':>7s} {'read GB':>7s} {'write s':>7s} "
-          f"{'wr. GB':>7s} {'hash s':>7s} {'share':>7s}", flush=True)
-    calib, dense = work / "calibration.parquet", work / "dense"
+          f"settings (row groups of {cfg['activations']['row_group_size']}, forward batches "
+          f"{cfg['forward_batch']}); 2 threads; {work}")
+    print(HEADER, flush=True)
+    calib, inputs = work / "calibration.parquet", work / "input"
     p1, rec, sds = work / "prune1", work / "reconstruct", work / "sds"
-    common = dict(model_dir=model, calibration_file=calib)
-    rows = [run_stage(cfg_path, "calibration", calib, model_dir=model, corpus_dir=""),
-            run_stage(cfg_path, "activations", dense, **common),
-            run_stage(cfg_path, "prune1", p1, dense_dir=dense, method="sparsegpt", pattern="2of4",
-                      cache_stream="false", **common),
-            run_stage(cfg_path, "reconstruct", rec, model_dir=model, dense_dir=dense, prune1_dir=p1, recon="default"),
-            run_stage(cfg_path, "prune2", sds, dense_dir=dense, prune1_dir=p1, reconstruct_dir=rec, method="sparsegpt",
-                      pattern="2of4", **common)]
-    total = sum(r["stage_s"] for r in rows)
-    io_s = sum(r["read_s"] + r["write_s"] for r in rows)
-    read_b, read_s = sum(r["read_bytes"] for r in rows), sum(r["read_s"] for r in rows)
-    write_b, write_s = sum(r["write_bytes"] for r in rows), sum(r["write_s"] for r in rows)
-    print(f"{'all stages':12s} {sum(r['wall_s'] for r in rows):8.1f} {total:8.1f} {read_s:7.1f} {read_b / 1e9:7.2f} "
-          f"{write_s:7.1f} {write_b / 1e9:7.2f} {sum(r['hash_cpu_s'] for r in rows):7.1f} {100 * io_s / total:6.1f}%")
-    print(f"cache read rate in the stages {read_b / max(read_s, 1e-9) / 1e9:.2f} GB/s, write rate "
-          f"{write_b / max(write_s, 1e-9) / 1e9:.2f} GB/s (tensor bytes; read includes decoding and checksum waits)")
+    rows = [run_stage(cfg_path, "calibration", calib, model_dir=model),
+            run_stage(cfg_path, "layer_inputs", inputs, model_dir=model, calibration_file=calib)]
+    if args.dense_cache:  # only the settings that fit to the dense model's own hidden states run it
+        rows.append(run_stage(cfg_path, "activations", work / "dense", model_dir=model, calibration_file=calib))
+    common = dict(model_dir=model, inputs_dir=inputs)
+    rows += [run_stage(cfg_path, "prune1", p1, method="sparsegpt", pattern="2of4", cache_stream="false", **common),
+             run_stage(cfg_path, "reconstruct", rec, prune1_dir=p1, recon="default", **common),
+             run_stage(cfg_path, "prune2", sds, prune1_dir=p1, reconstruct_dir=rec, method="sparsegpt",
+                       pattern="2of4", **common)]
+    total = {k: sum(r[k] for r in rows) for k in ("stage_s", "read_s", "read_bytes", "wait_s", "write_s",
+                                                  "write_bytes", "hash_cpu_s")}
+    print(_row_line("all stages", sum(r["wall_s"] for r in rows), total))
+    print(f"cache read rate (reading thread) {total['read_bytes'] / max(total['read_s'], 1e-9) / 1e9:.2f} GB/s, "
+          f"write rate {total['write_bytes'] / max(total['write_s'], 1e-9) / 1e9:.2f} GB/s (tensor bytes; reads "
+          "include decoding and checksum waits, writes the checksum)")
     return 0
 
 
@@ -279,6 +291,8 @@ def main() -> int:
     ap.add_argument("--stage-share", action="store_true", help="cache-I/O share of each stage (OPT-125M shape)")
     ap.add_argument("--layers", type=int, default=2, help="with --stage-share: decoder layers of the model")
     ap.add_argument("--workdir", help="with --stage-share: where the stages write (default: a new temp folder)")
+    ap.add_argument("--dense-cache", action="store_true",
+                    help="with --stage-share: also the dense activation cache (settings that fit to the dense stream)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     return stage_share(args) if args.stage_share else rates(args)

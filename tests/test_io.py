@@ -186,8 +186,8 @@ def _cache_with_pyarrow(path, rows, column_type="fixed", nullable=True, **option
 
     values = [r.numpy().tobytes() for r in rows]
     typ = {"fixed": pa.binary(len(values[0])), "large_binary": pa.large_binary(), "binary": pa.binary()}[column_type]
-    schema = pa.schema([pa.field("hidden", typ, nullable=nullable)],
-                       metadata={b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": b"torch.float32"})
+    meta = {b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": b"torch.float32"}
+    schema = pa.schema([pa.field("hidden", typ, nullable=nullable)], metadata=meta)
     pq.write_table(pa.table({"hidden": pa.array(values, type=typ)}, schema=schema), str(path), **options)
     _write_checksum(path)
 

@@ -36,7 +36,8 @@ def summary_row_perplexity(run_dir, row: dict) -> float:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = run_dir / "sparsegpt" / "2of4" / "default" / "sds" / "model" if row["stage"] == "sds" else run_dir / "model"
+    sds = run_dir / "sparsegpt" / "2of4" / "default" / "sds" / "model"
+    folder = sds if row["stage"] == "sds" else run_dir / "model"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if row["stage"] in ("prune1", "prune1+adjust"):

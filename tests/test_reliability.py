@@ -163,12 +163,13 @@ def _save_user_model(folder: Path) -> None:
     tiny_opt(vocab=128, positions=64).save_pretrained(folder)
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", pad_token="t1").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1", pad_token="t1"
+                            ).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
-    """A working directory with the user's model, a config and this run's calibration and dense cache."""
+    """A working directory with the user's model, a config and this run's calibration and layer-0 inputs."""
     import json
     import random
 
@@ -186,10 +187,10 @@ def stage_run(tmp_path_factory):
                            "mlflow": {"enabled": False}})
     (work / "config.json").write_text(json.dumps(cfg))
     r = f"results/{RUN}"
-    _cli(work, "calibration", "--config", "config.json", f"model_dir={model}", "corpus_dir=", f"out={r}/calibration.parquet",
-         check=True)
-    _cli(work, "activations", "--config", "config.json", f"model_dir={model}",
-         f"calibration_file={r}/calibration.parquet", f"out={r}/activations/dense", check=True)
+    _cli(work, "calibration", "--config", "config.json", f"model_dir={model}", "corpus_dir=",
+         f"out={r}/calibration.parquet", check=True)
+    _cli(work, "layer_inputs", "--config", "config.json", f"model_dir={model}",
+         f"calibration_file={r}/calibration.parquet", f"out={r}/activations/input", check=True)
     return work
 
 
@@ -202,8 +203,7 @@ def _private_copy(stage_run, tmp_path) -> Path:
 def _prune1(work: Path, out: str = f"results/{RUN}/sparsegpt/2of4/prune1", **kw):
     r = f"results/{RUN}"
     return _cli(work, "prune1", "--config", "config.json", f"model_dir={work / r / 'model'}",
-                f"calibration_file={r}/calibration.parquet", f"dense_dir={r}/activations/dense",
-                "method=sparsegpt", "pattern=2of4", f"out={out}", **kw)
+                f"inputs_dir={r}/activations/input", "method=sparsegpt", "pattern=2of4", f"out={out}", **kw)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -224,12 +224,12 @@ def test_truncated_user_model_is_named_and_nothing_is_deleted(stage_run, tmp_pat
 
 def test_corrupt_cache_of_this_run_is_removed_by_the_cli(stage_run, tmp_path):
     work = _private_copy(stage_run, tmp_path)
-    dense = work / "results" / RUN / "activations" / "dense"
-    (dense / "layer_000.parquet").write_bytes((dense / "layer_000.parquet").read_bytes()[:-50])
+    inputs = work / "results" / RUN / "activations" / "input"
+    (inputs / "layer_000.parquet").write_bytes((inputs / "layer_000.parquet").read_bytes()[:-50])
     proc = _prune1(work)
     line = _error_line(proc)
-    assert "layer_000.parquet: checksum mismatch" in line and f"Removed results/{RUN}/activations/dense" in line
-    assert not dense.exists() and (work / "results" / RUN / "model" / "model.safetensors").is_file()
+    assert "layer_000.parquet: checksum mismatch" in line and f"Removed results/{RUN}/activations/input " in line
+    assert not inputs.exists() and (work / "results" / RUN / "model" / "model.safetensors").is_file()
 
 
 def test_prune1_run_twice_as_processes_gives_identical_files(stage_run, tmp_path):
@@ -281,9 +281,9 @@ def test_full_disk_during_a_stage_write_gives_one_line_and_no_partial_output(sta
     prefix = _namespace_prefix(f"mount -t tmpfs -o size=64k tmpfs {target}")
     r = f"results/{RUN}"
     proc = subprocess.run([*prefix, sys.executable, "-c", report, "prune1", "--config", "config.json",
-                           f"model_dir={work / r / 'model'}", f"calibration_file={r}/calibration.parquet",
-                           f"dense_dir={r}/activations/dense", "method=sparsegpt", "pattern=2of4",
-                           f"out={r}/sparsegpt/2of4/prune1"], cwd=work, capture_output=True, text=True, timeout=300,
+                           f"model_dir={work / r / 'model'}", f"inputs_dir={r}/activations/input", "method=sparsegpt",
+                           "pattern=2of4", f"out={r}/sparsegpt/2of4/prune1"], cwd=work, capture_output=True, text=True,
+                          timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 1
     line = _error_line(proc)
@@ -357,8 +357,7 @@ def test_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path, monkeypatch,
         validate_config({"run": RUN, "model": {"source": str(model)}, "calibration": {"source": str(cfg)}})
     monkeypatch.chdir(tmp_path)
     args = {"evaluate": [f"model_dir={model}", "corpus_dir=", "out=e.json"],
-            "prune1": [f"model_dir={model}", "calibration_file=c.parquet", "dense_dir=d", "method=magnitude",
-                       "pattern=2of4", "out=p"]}[stage]
+            "prune1": [f"model_dir={model}", "inputs_dir=d", "method=magnitude", "pattern=2of4", "out=p"]}[stage]
     assert main([stage, "--config", str(cfg), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"sds {stage}: error: model path") and "only safetensors checkpoints are loaded" in err
@@ -493,7 +492,7 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
     evals = work / "results" / "micro" / "eval"
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     first = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                              "--cores", "1", "--configfile", str(cfg), "--forcerun", "activations"],
+                              "--cores", "1", "--configfile", str(cfg), "--forcerun", "layer_inputs"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         locks = work / ".snakemake" / "locks"
@@ -503,7 +502,8 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
             time.sleep(0.2)
         second = snakemake(work, "--cores", "1", "--configfile", str(cfg), check=False)
         assert second.returncode != 0
-        locked = [l for l in (second.stdout + second.stderr).splitlines() if l.startswith("Error: Directory cannot be locked.")]
+        said = (second.stdout + second.stderr).splitlines()
+        locked = [line for line in said if line.startswith("Error: Directory cannot be locked.")]
         assert len(locked) == 1, second.stderr[-3000:]
         edited = yaml.safe_load(cfg.read_text())
         edited["evaluate"]["max_windows"] = 4

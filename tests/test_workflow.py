@@ -72,7 +72,8 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
     assert sds_eval.data.metrics["sparsity"] == pytest.approx(0.5)
     import json
 
-    recorded = json.loads((work / "results" / "micro" / "eval" / "sparsegpt" / "2of4" / "default" / "sds.json").read_text())
+    eval_json = work / "results" / "micro" / "eval" / "sparsegpt" / "2of4" / "default" / "sds.json"
+    recorded = json.loads(eval_json.read_text())
     assert sds_eval.data.metrics["ppl.builtin"] == recorded["ppl"]["builtin"]  # what the stage wrote, unrounded
     assert sds_eval.data.metrics["zeroshot.mean.acc"] == recorded["zeroshot"]["mean"]["acc"]
     assert "git_revision" in sds_eval.data.tags
