@@ -93,12 +93,13 @@ def write_earlier_layout(path: Path, rows, dtype, row_group: int) -> None:
     from sds.io import _write_checksum
 
     meta = {b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": str(dtype).encode()}
-    with pq.ParquetWriter(str(path), pa.schema([("hidden", pa.large_binary())], metadata=meta),
-                          compression="none", use_dictionary=False, write_statistics=False) as writer:
+    schema = pa.schema([("hidden", pa.large_binary())], metadata=meta)
+    with pq.ParquetWriter(str(path), schema, compression="none", use_dictionary=False,
+                          write_statistics=False) as writer:
         for i in range(0, len(rows), row_group):
             values = [r.to(dtype).view(torch.uint8).numpy().tobytes() for r in rows[i:i + row_group]]
-            writer.write_table(pa.table({"hidden": pa.array(values, type=pa.large_binary())},
-                                        schema=writer.schema_arrow), row_group_size=row_group)
+            writer.write_table(pa.table({"hidden": pa.array(values, type=pa.large_binary())}, schema=schema),
+                               row_group_size=row_group)
     _write_checksum(path)
 
 
