@@ -230,3 +230,21 @@ def test_nm_needs_divisible_columns():
 def test_slug_round_trip(text):
     pat = parse_pattern(text)
     assert pattern_from_slug(pat.slug) == pat
+
+
+@pytest.mark.parametrize("options", [dict(gradual=False), dict(final="exact"), dict(gradual_iters=0, iters=5),
+                                     dict(gradual_iters=40, iters=10)])
+@pytest.mark.parametrize("text", ["2:4", "4:8", "unstructured:0.7"])
+def test_admm_variants_hit_the_pattern_and_improve_on_wanda(text, options):
+    W, _, H = _layer()
+    pat = parse_pattern(text)
+    new_W, mask = admm_prune(W, H, pat, **options)
+    _check_pattern(new_W, mask, pat, per_row=False)
+    stats = LinearStats(H, H, H)
+    assert relative_error(new_W, W, stats) < relative_error(prune("wanda", W, pat, hessian=H)[0], W, stats)
+
+
+def test_admm_prune_needs_an_iteration():
+    W, _, H = _layer(rows=4, cols=8)
+    with pytest.raises(ValueError, match="iters >= 1"):
+        admm_prune(W, H, parse_pattern("2:4"), iters=0)
