@@ -217,8 +217,8 @@ def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm):
                 t[3] += 1
                 row.append(f"{err:.4f} / {err_held:.4f} / {seconds:.2f}")
             rows.append(row)
-        rows.append(["**mean error, total s**"] + [f"{t[0] / t[3]:.4f} / {t[1] / t[3]:.4f} / {t[2]:.1f}" if t[3] else "n/a"
-                                                    for t in totals.values()])
+        rows.append(["**mean error, total s**"] + [f"{t[0] / t[3]:.4f} / {t[1] / t[3]:.4f} / {t[2]:.1f}"
+                                                    if t[3] else "n/a" for t in totals.values()])
         print_table(f"One-shot pruners, {pattern}: relative output error on calibration / held-out statistics / "
                     "seconds", ["linear"] + list(methods), rows)
 
@@ -292,6 +292,45 @@ def adjust_tables(weights, calib, held, patterns, iters):
         rows.append(["**mean error, total s**"] + [f"{a:.4f} / {b:.4f} / {c:.1f}" for a, b, c in totals.values()])
         print_table(f"Weight adjustment of SparseGPT {pattern} masks: relative error calibration / held-out / seconds",
                     ["linear"] + list(totals), rows)
+
+
+def sds_tables(weights, calib, held, patterns):
+    """Layer-level SDS variants on the same statistics (no propagation between layers): which second
+    prune to use after the dense phase. Seconds are whole-variant totals (first prune included)."""
+    from sds.pruners import parse_pattern, prune
+    from sds.reconstruct import adjust, dense_reconstruction
+
+    l1, pruned_weight = 0.01, 3.0
+    for text in patterns:
+        pattern = parse_pattern(text)
+        totals = {}
+        for name, W in weights.items():
+            H, Hh = calib[name], held[name]
+            stats, held_stats = LinearStats(H, H, H), LinearStats(Hh, Hh, Hh)
+            (first, mask1), t_first = timed(prune, "sparsegpt", W, pattern, hessian=H)
+            adjusted, t_adjust = timed(adjust, W, stats, mask1, first, solver="admm")
+            admm, t_admm = timed(prune, "admm", W, pattern, hessian=H)
+            dense, t_dense = timed(dense_reconstruction, first, W, stats, solver="admm", iters=30, l1=l1,
+                                   l1_weights=torch.where(mask1, 1.0, pruned_weight))
+            (second, mask2), t_second = timed(prune, "sparsegpt", dense, pattern, hessian=H)
+            second_adjusted, t_second_adjust = timed(adjust, W, stats, mask2, second, solver="admm")
+            (gradual, _), t_gradual = timed(prune, "admm", W, pattern, hessian=H, W_start=dense)
+            runs = {"sparsegpt": (first, t_first),
+                    "sparsegpt + adjust admm": (adjusted, t_first + t_adjust),
+                    "admm": (admm[0], t_admm),
+                    "SDS: sparsegpt, dense ADMM-30, sparsegpt + adjust admm":
+                        (second_adjusted, t_first + t_dense + t_second + t_second_adjust),
+                    "SDS: sparsegpt, dense ADMM-30, admm from the dense-phase weights":
+                        (gradual, t_first + t_dense + t_gradual)}
+            for key, (out, seconds) in runs.items():
+                t = totals.setdefault(key, [0.0, 0.0, 0.0])
+                t[0] += relative_error(out, W, stats) / len(weights)
+                t[1] += relative_error(out, W, held_stats) / len(weights)
+                t[2] += seconds
+        print_table(f"Layer-level SDS variants, {pattern} (dense phase l1={l1}, l1_pruned_weight={pruned_weight}): "
+                    "mean relative error over the linears, total seconds",
+                    ["variant", "calibration", "held-out", "seconds"],
+                    [[k, f"{a:.5f}", f"{b:.5f}", f"{c:.1f}"] for k, (a, b, c) in totals.items()])
 
 
 def synthetic_inputs(tokens: int, dim: int, seed: int, relu: bool = False) -> torch.Tensor:
@@ -377,7 +416,7 @@ def main(argv=None) -> None:
     parser.add_argument("--long-fista", action="store_true", help="also FISTA-2000 (slow) as the optimum's proxy")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats of the speed table (best of)")
     parser.add_argument("--sections", nargs="+", default=["speed", "pruners", "dense", "adjust"],
-                        choices=["speed", "exact-shapes", "pruners", "dense", "adjust"])
+                        choices=["speed", "exact-shapes", "pruners", "dense", "adjust", "sds"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ref_sparsegpt = load_reference_sparsegpt(args.reference_sparsegpt)
@@ -385,7 +424,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if "speed" in args.sections or "exact-shapes" in args.sections:
         speed_tables(ref_sparsegpt, args.repeats, "exact-shapes" in args.sections)
-    if {"pruners", "dense", "adjust"} & set(args.sections):
+    if {"pruners", "dense", "adjust", "sds"} & set(args.sections):
         start = time.perf_counter()
         weights, calib, held = load_or_capture(args)
         print(f"\nstatistics of layers {args.layers} ({len(weights)} linears): {args.nsamples} × {args.seqlen} "
@@ -396,6 +435,8 @@ def main(argv=None) -> None:
             dense_tables(weights, calib, held, args.dense_iters, args.long_fista)
         if "adjust" in args.sections:
             adjust_tables(weights, calib, held, args.patterns, args.adjust_iters)
+        if "sds" in args.sections:
+            sds_tables(weights, calib, held, args.patterns)
 
 
 if __name__ == "__main__":
