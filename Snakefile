@@ -11,7 +11,7 @@ min_version("9.0")
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-from sds.config import ConfigError, config_hash, validate_config  # noqa: E402
+from sds.config import ConfigError, config_hash, second_prune_settings, validate_config  # noqa: E402
 from sds.patterns import parse_pattern  # noqa: E402
 
 
@@ -127,17 +127,23 @@ def rule_resources(rule_name):
 localrules: all, corpus, calibration, report, export
 
 
+PRUNER_KEYS = {"sparsegpt": ("prune.blocksize", "prune.percdamp"),
+               "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp")}
+
+
 def pruner_slice(*keys):
-    """`params` for rules that run a pruner: SparseGPT's own settings (prune.blocksize, prune.percdamp)
-    only where the method is sparsegpt, so tuning them never re-runs Wanda or magnitude outputs."""
+    """`params` for rules that run a pruner: a pruner's own settings (SparseGPT's blocksize and percdamp,
+    ADMM's steps and dampening) only where that pruner runs, so tuning them never re-runs the others."""
     def deps(wildcards):
-        extra = ("prune.blocksize", "prune.percdamp") if wildcards.method == "sparsegpt" else ()
+        extra = PRUNER_KEYS.get(wildcards.method, ())
+        if getattr(wildcards, "recon", None) and second_prune_settings(RESOLVED, wildcards.recon)["selection"] == "gradual":
+            extra = tuple(dict.fromkeys(extra + PRUNER_KEYS["admm"]))  # the gradual second prune is ADMM's
         return slice_of(*keys, *extra)
     return deps
 
 
 wildcard_constraints:
-    method="magnitude|wanda|sparsegpt",
+    method="magnitude|wanda|sparsegpt|admm",
     pattern=r"\d+of\d+|unstructured[0-9p]+",
     recon=r"[A-Za-z0-9_.-]+",
 

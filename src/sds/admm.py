@@ -26,7 +26,8 @@ import torch
 
 from .patterns import Pattern
 from .pruners import dead_inputs, keep_dead_values, remove_lowest
-from .reconstruct import LinearStats, masked_least_squares, target_product
+from .reconstruct import masked_least_squares, target_product
+from .stats import LinearStats
 
 
 def _input_norms(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

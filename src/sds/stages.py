@@ -14,7 +14,7 @@ import torch
 
 from . import method as sds_method
 from .checkpoints import CheckpointWriter, checkpoint_sparsity, write_model_folder
-from .config import config_hash
+from .config import config_hash, second_prune_settings
 from .io import (CorruptFileError, HOW_TO_RECREATE, TensorReader, atomic_dir, atomic_path, checksum_folder,
                  load_tensors, read_json, verify_checksum, write_checksum, write_json, write_text)
 from .model import LayerwiseModel, apply_weights, load_model
@@ -299,29 +299,31 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
 # --- 6. second prune ---------------------------------------------------------------------------------------
 
 def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, reconstruct_dir: str, method: str,
-           pattern: str, out: str, dense_dir: str | None = None) -> None:
-    """Second prune of the reconstructed model with the same pruner and pattern (sequential), then the
-    weight adjustment to the dense target; writes a loadable Hugging Face folder with masks and a card."""
+           pattern: str, recon: str, out: str, dense_dir: str | None = None) -> None:
+    """Second prune of the reconstructed model to the same pattern (sequential; see method.second_prune),
+    with SDS setting `recon`'s second-prune keys; writes a loadable Hugging Face folder with masks and a card."""
     from .passes import sequential_pass
 
     device = setup(config)
     pat = pattern_from_slug(pattern)
     lm = _layerwise_model(config, model_dir, device)
     nsamples, seqlen = _calibration_shape(inputs_dir)
-    recon = TensorReader(Path(reconstruct_dir) / "weights.safetensors", device=device)
+    refit = TensorReader(Path(reconstruct_dir) / "weights.safetensors", device=device)
     first = TensorReader(Path(prune1_dir) / "weights.safetensors", device=device)
     first_masks = TensorReader(Path(prune1_dir) / "masks.safetensors", device=device)
 
+    settings = second_prune_settings(config, recon)
+
     def update(i, name, W, W_dense, stats):
-        return sds_method.second_prune(method, W, W_dense, stats, pat, config["prune"], config["prune2"],
+        return sds_method.second_prune(method, W, W_dense, stats, pat, config["prune"], settings,
                                        (first[name], first_masks[name]))
 
-    cross = config["prune2"]["adjust_target"] == "dense_stream"
+    cross = settings["adjust_target"] == "dense_stream"
     start = time.monotonic()
     with atomic_dir(out) as tmp:
         checkpoint = CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
         infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
-                                source=recon, dense_dir=dense_dir if cross else None,
+                                source=refit, dense_dir=dense_dir if cross else None,
                                 what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
@@ -330,7 +332,7 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                            trust_remote_code=config["model"]["trust_remote_code"])
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
-    _track(config, f"prune2/{method}/{pattern}", params={"method": method, "pattern": str(pat), **config["prune2"]},
+    _track(config, f"prune2/{method}/{pattern}", params={"method": method, "pattern": str(pat), **settings},
            metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0), ("fallbacks", fallbacks, 0)])
 
 
