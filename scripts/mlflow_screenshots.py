@@ -50,11 +50,20 @@ def pages(uri: str, experiment: str) -> dict[str, str]:
     return out
 
 
-def shoot(chromium: str, url: str, png: Path, size: str, wait_ms: int) -> None:
-    with tempfile.TemporaryDirectory() as profile:  # a fresh profile: what a new user sees
-        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
-                        f"--virtual-time-budget={wait_ms}", f"--screenshot={png}", url],
-                       check=True, capture_output=True, timeout=300)
+def shoot(chromium: str, url: str, png: Path, size: str, waits_ms: list[int]) -> None:
+    """Charts render a while after the page and MLflow's auto-refresh turns them back into spinners for a
+    moment, so the page is shot after each of a few (virtual) waits and the fullest picture is kept: the
+    largest PNG, as spinners on white compress best."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shots = []
+        for i, wait in enumerate(waits_ms):
+            shot = Path(tmp) / f"{i}.png"
+            with tempfile.TemporaryDirectory() as profile:  # a fresh profile: what a new user sees
+                subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+                                f"--virtual-time-budget={wait}", f"--screenshot={shot}", url],
+                               check=True, capture_output=True, timeout=300)
+            shots.append(shot)
+        shutil.copyfile(max(shots, key=lambda p: p.stat().st_size), png)
     print(f"{png}  ←  {url}")
 
 
@@ -67,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     ap.add_argument("--size", default="1600,900", help="window width,height in pixels")
-    ap.add_argument("--wait-ms", type=int, default=60000, help="virtual time the page gets to render")
+    ap.add_argument("--wait-ms", type=int, nargs="+", default=[20000, 30000, 45000, 60000],
+                    help="virtual times the page gets to render; the fullest shot is kept")
     args = ap.parse_args(argv)
     if not shutil.which(args.chromium):
         raise SystemExit("chromium not found: apt-get install -y chromium (or pass --chromium PATH)")
