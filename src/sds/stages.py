@@ -25,7 +25,7 @@ from .runtime import Progress, provenance, setup
 log = logging.getLogger("sds")
 
 
-def _track(config, stage, started, *, params=None, metrics=None, artifacts=(), parent_artifacts=(), **extra):
+def _track(config, stage, *, started, params=None, metrics=None, artifacts=(), parent_artifacts=(), **extra):
     """Records the stage as an MLflow child run named `stage` (unique within the pipeline), from `started`
     (time.time() when the stage began) to now; `extra`: parent_metrics, inputs, model, tags (see tracking)."""
     from .tracking import record_stage, stage_start
@@ -68,7 +68,8 @@ def corpus(config: dict, out: str) -> None:
                 raise ValueError(f"corpus split {name!r} has only {len(text.split())} words; at least 1000 needed")
             (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
     log.info("corpus: train %d chars, test %d chars", len(splits["train"]), len(splits["test"]))
-    _track(config, "corpus", started, params=spec, metrics={f"{k}_characters": len(v) for k, v in splits.items()})
+    _track(config, "corpus", started=started, params=spec,
+           metrics={f"{k}_characters": len(v) for k, v in splits.items()})
 
 
 def build_model(config: dict, corpus_dir: str, out: str) -> None:
@@ -93,8 +94,8 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
         write_json(tmp / "build.json", info)
     log.info("model built in %.1fs: %d parameters, final train loss %.3f", info["seconds"], info["parameters"],
              info["final_train_loss"])
-    _track(config, "build_model", started, params=b, metrics=[("train_loss", v, (i + 1) * 10) for i, v in
-                                                      enumerate(info["loss_curve"])] +
+    _track(config, "build_model", started=started, params=b,
+           metrics=[("train_loss", v, (i + 1) * 10) for i, v in enumerate(info["loss_curve"])] +
            [("parameters", info["parameters"], 0), ("seconds", info["seconds"], 0)])
 
 
@@ -122,7 +123,7 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
         pq.write_table(table, str(tmp))
     write_checksum(Path(out))
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
-    _track(config, "calibration", started, params=cal, metrics={"source_tokens": ids.numel()},
+    _track(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
            inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
                               path=Path(corpus_dir) / "train.txt" if cal["source"] == "builtin" else None,
                               windows=windows.shape[0], seqlen=windows.shape[1])])
@@ -155,7 +156,7 @@ def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) 
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["model"]["dtype"]})
     log.info("layer inputs: %d × %d tokens", *windows.shape)
-    _track(config, "layer_inputs", started, metrics={"layers": len(lm), "windows": windows.shape[0]})
+    _track(config, "layer_inputs", started=started, metrics={"layers": len(lm), "windows": windows.shape[0]})
 
 
 def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
@@ -172,7 +173,7 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
         dense_pass(config, lm, windows, tmp)
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
-    _track(config, "activations", started, params=config["activations"], metrics={"layers": len(lm)})
+    _track(config, "activations", started=started, params=config["activations"], metrics={"layers": len(lm)})
 
 
 # --- 4. first prune and the adjust ablation ---------------------------------------------------------------
@@ -210,7 +211,7 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
                                 stream_out=stream_out, stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
         checkpoint.close({"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
-    _track(config, f"prune1/{method}/{pattern}", started,
+    _track(config, f"prune1/{method}/{pattern}", started=started,
            params={"method": method, "pattern": str(pat), **config["prune"]},
            metrics=_layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
@@ -240,7 +241,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
                                 source=first, dense_dir=dense_dir if cross else None, what="prune1+adjust layer")
         checkpoint.close()
     method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
-    _track(config, f"prune1_adjust/{method}/{pattern}", started, params=config["prune2"],
+    _track(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
            metrics=_layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
 
@@ -278,7 +279,7 @@ def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, 
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": config["reconstruct"][recon]})
     method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
-    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started, params=config["reconstruct"][recon],
+    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
            metrics=_layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
@@ -320,7 +321,7 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
         write_json(tmp / "layers.json", {"linears": infos, "settings": config["reconstruct"][recon],
                                          "layer_parallel": True, "parts": len(parts)})
     method, pattern = Path(out).parent.parent.parent.name, Path(out).parent.parent.name
-    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started,
+    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started,
            params={**config["reconstruct"][recon], "layer_parallel": True},
            metrics=_layer_metrics(infos, "reconstruct"), tags={"sds_method": method, "sds_pattern": pattern,
                                                                "sds_recon": recon})
@@ -362,7 +363,7 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
     setting = Path(reconstruct_dir).parent.name
-    _track(config, f"prune2/{method}/{pattern}/{setting}", started,
+    _track(config, f"prune2/{method}/{pattern}/{setting}", started=started,
            params={"method": method, "pattern": str(pat), **config["prune2"]},
            metrics=_layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
                                                       ("fallbacks", fallbacks, 0)],
@@ -393,7 +394,7 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     # its perplexity, if this checkpoint's evaluation (results/<run>/eval/<method>/<pattern>/<stage>.json) ran
     evaluation = Path(out).parents[3] / "eval" / method / pattern / f"{stage}.json"
     ppl = {f"ppl.{k}": v for k, v in read_json(evaluation)["ppl"].items()} if evaluation.is_file() else {}
-    _track(config, f"export/{method}/{pattern}/{stage}", started, metrics={"sparsity": sparsity["overall"]},
+    _track(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
            tags={"sds_method": method, "sds_pattern": pattern},
            model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / "model",
                              {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
@@ -486,7 +487,7 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
         sds_model = model_entry(registered_name(config["run"], method, pattern, recon), model_dir,
                                 {k: v for k, v in tags.items() if v is not None},
                                 producer=f"prune2/{method}/{pattern}/{recon}")
-    _track(config, f"evaluate/{label}", started, params={"label": label},
+    _track(config, f"evaluate/{label}", started=started, params={"label": label},
            metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],
                     "seconds": result["seconds"], **zs_metrics},
            parent_metrics=headline, inputs=texts, model=sds_model,
@@ -505,5 +506,5 @@ def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir
     numbers = {k: v for r in results for k, v in headline_metrics(r).items()}
     # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
     # their numbers to that config's run only
-    _track(config, "report", started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
+    _track(config, "report", started=started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
            metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})
