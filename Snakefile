@@ -50,6 +50,15 @@ DENSE = f"{R}/activations/dense"
 ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
 
 
+def _dense_phase(recon):
+    return json.dumps({k: v for k, v in RESOLVED["reconstruct"][recon].items() if k != "prune2"}, sort_keys=True)
+
+
+# SDS settings that differ only in their second prune share one dense reconstruction: each setting's
+# reconstruct output is the first setting's with the same dense-phase keys.
+RECON_SOURCE = {r: next(q for q in RECONS if _dense_phase(q) == _dense_phase(r)) for r in RECONS}
+
+
 def recon_needs_dense(recon):
     settings = RESOLVED["reconstruct"][recon]
     return settings["inputs"] == "dense" or settings["target"] == "dense_stream"

@@ -6,7 +6,7 @@ rule prune2:
         inputs=INPUTS,
         dense=DENSE if ADJUST_NEEDS_DENSE else [],
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",
-        reconstruct=f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct",
+        reconstruct=lambda wc: f"{R}/{wc.method}/{wc.pattern}/{RECON_SOURCE[wc.recon]}/reconstruct",
     output:
         directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
     params:
