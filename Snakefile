@@ -11,7 +11,7 @@ min_version("9.0")
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-from sds.config import ConfigError, config_hash, validate_config  # noqa: E402
+from sds.config import ConfigError, config_hash, second_prune_settings, validate_config  # noqa: E402
 from sds.patterns import parse_pattern  # noqa: E402
 
 
@@ -48,6 +48,15 @@ PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" fo
 INPUTS = f"{R}/activations/input"
 DENSE = f"{R}/activations/dense"
 ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
+
+
+def _dense_phase(recon):
+    return json.dumps({k: v for k, v in RESOLVED["reconstruct"][recon].items() if k != "prune2"}, sort_keys=True)
+
+
+# SDS settings that differ only in their second prune share one dense reconstruction: each setting's
+# reconstruct output is the first setting's with the same dense-phase keys.
+RECON_SOURCE = {r: next(q for q in RECONS if _dense_phase(q) == _dense_phase(r)) for r in RECONS}
 
 
 def recon_needs_dense(recon):
@@ -127,17 +136,23 @@ def rule_resources(rule_name):
 localrules: all, corpus, calibration, report, export
 
 
+PRUNER_KEYS = {"sparsegpt": ("prune.blocksize", "prune.percdamp"),
+               "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp")}
+
+
 def pruner_slice(*keys):
-    """`params` for rules that run a pruner: SparseGPT's own settings (prune.blocksize, prune.percdamp)
-    only where the method is sparsegpt, so tuning them never re-runs Wanda or magnitude outputs."""
+    """`params` for rules that run a pruner: a pruner's own settings (SparseGPT's blocksize and percdamp,
+    ADMM's steps and dampening) only where that pruner runs, so tuning them never re-runs the others."""
     def deps(wildcards):
-        extra = ("prune.blocksize", "prune.percdamp") if wildcards.method == "sparsegpt" else ()
+        extra = PRUNER_KEYS.get(wildcards.method, ())
+        if getattr(wildcards, "recon", None) and second_prune_settings(RESOLVED, wildcards.recon)["selection"] == "gradual":
+            extra = tuple(dict.fromkeys(extra + PRUNER_KEYS["admm"]))  # the gradual second prune is ADMM's
         return slice_of(*keys, *extra)
     return deps
 
 
 wildcard_constraints:
-    method="magnitude|wanda|sparsegpt",
+    method="magnitude|wanda|sparsegpt|admm",
     pattern=r"\d+of\d+|unstructured[0-9p]+",
     recon=r"[A-Za-z0-9_.-]+",
 

@@ -68,3 +68,150 @@ def test_l1_makes_weights_sparse_and_weighted_l1_targets_positions():
     weighted = fista(pruned, Wd, stats, steps=200, l1=0.5, l1_weights=omega)
     # kept positions are not penalised, so they stay non-zero; removed ones are pushed back to zero
     assert (weighted[~mask] == 0).float().mean() > (weighted[mask] == 0).float().mean()
+
+
+# --- ADMM solvers, the dense objective, dead inputs ------------------------------------------------------------
+
+from sds.admm import dense_admm, masked_admm  # noqa: E402
+from sds.reconstruct import adjust, dense_objective, dense_reconstruction  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _real_like_problem(rows=24, cols=48, tokens=2048):
+    """Inputs with scales spread over two decades (like LLM activations): ill-conditioned for FISTA."""
+    g = torch.Generator().manual_seed(7)
+    Wd = torch.randn(rows, cols, generator=g)
+    X = correlated_inputs(tokens, cols, 2)
+    stats = LinearStats(X.T @ X / tokens, X.T @ X / tokens, X.T @ X / tokens)
+    return Wd, stats
+
+
+def test_dense_objective_is_error_plus_scaled_penalties():
+    Wd, stats = _real_like_problem()
+    W = Wd * 0.5
+    omega = torch.rand(Wd.shape, generator=torch.Generator().manual_seed(1))
+    expected = (reconstruction_error(W, Wd, stats)
+                + stats.scale * (0.1 * float((omega * W.abs()).sum()) + 0.2 * float((W * W).sum())))
+    assert dense_objective(W, Wd, stats, l1=0.1, l2=0.2, l1_weights=omega) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("l1,l2", [(0.05, 0.0), (0.01, 0.01), (0.0, 0.05)])
+def test_dense_admm_reaches_the_long_fista_objective_in_few_steps(l1, l2):
+    Wd, stats = _real_like_problem()
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    omega = torch.where(mask, torch.ones_like(Wd), torch.full_like(Wd, 3.0))
+    kw = dict(l1=l1, l2=l2, l1_weights=omega)
+    long_run = dense_objective(fista(start, Wd, stats, steps=3000, **kw), Wd, stats, **kw)
+    short_fista = dense_objective(fista(start, Wd, stats, steps=40, **kw), Wd, stats, **kw)
+    admm = dense_objective(dense_admm(start, Wd, stats, iters=40, **kw), Wd, stats, **kw)
+    assert admm <= long_run * 1.005
+    assert admm < short_fista  # the same number of matrix products
+    if l1:  # the soft threshold leaves exact zeros, as FISTA's proximal step does
+        assert (dense_admm(start, Wd, stats, iters=40, **kw) == 0).any()
+
+
+def test_masked_admm_converges_to_the_exact_masked_least_squares():
+    Wd, _, _, stats = _problem(cross=True)
+    mask = torch.rand(Wd.shape, generator=torch.Generator().manual_seed(6)) > 0.5
+    exact = masked_least_squares(Wd, stats, mask, percdamp=0.01)
+    admm = masked_admm(Wd, stats, mask, Wd * mask, iters=200, percdamp=0.01, ridge_to="zero")
+    assert torch.equal(admm != 0, mask)
+    assert reconstruction_error(admm, Wd, stats) == pytest.approx(reconstruction_error(exact, Wd, stats), rel=1e-3)
+    torch.testing.assert_close(admm, exact, rtol=0, atol=1e-3 * float(exact.abs().max()))
+
+
+def test_masked_admm_dense_ridge_solves_its_objective():
+    """ridge_to='dense': per row, (H_SS + λ diag(H)_SS) w_S = B_S + λ diag(H)_SS w_d,S (λ = percdamp·mean
+    diag of the scaled H = percdamp), solved directly."""
+    Wd, _, _, stats = _problem()
+    mask = torch.rand(Wd.shape, generator=torch.Generator().manual_seed(8)) > 0.4
+    out = masked_admm(Wd, stats, mask, iters=400, percdamp=0.1, ridge_to="dense")
+    H = stats.H.double()
+    B = (Wd.double() @ stats.G.double().T)
+    ridge = 0.1 * torch.diagonal(H)
+    for r in range(Wd.shape[0]):
+        S = mask[r].nonzero().flatten()
+        A = H[S][:, S] + torch.diag(ridge[S])
+        w = torch.linalg.solve(A, B[r, S] + ridge[S] * Wd[r, S].double())
+        torch.testing.assert_close(out[r, S].double(), w, rtol=0, atol=2e-3 * float(w.abs().max()))
+
+
+def test_admm_adjustment_is_close_to_exact_and_fits_held_out_inputs_better():
+    """Fitting on 256 tokens, judging on 4096 others: the dense-ward ridge of the ADMM adjustment
+    generalises better than the exact fit, at a near-equal calibration error."""
+    g = torch.Generator().manual_seed(11)
+    Wd = torch.randn(32, 64, generator=g)
+    X = correlated_inputs(256 + 4096, 64, 5)
+    fit, held = X[:256], X[256:]
+    stats = LinearStats(fit.T @ fit / 256, fit.T @ fit / 256, fit.T @ fit / 256)
+    held_stats = LinearStats(*(held.T @ held / 4096,) * 3)
+    pruned, mask = prune("sparsegpt", Wd, parse_pattern("2:4"), hessian=stats.H)
+    exact = adjust(Wd, stats, mask, pruned, solver="exact", steps=0, percdamp=0.01)
+    admm = adjust(Wd, stats, mask, pruned, solver="admm", steps=0, percdamp=0.01)
+    assert relative_error(admm, Wd, stats) < 1.1 * relative_error(exact, Wd, stats)
+    assert relative_error(admm, Wd, held_stats) < relative_error(exact, Wd, held_stats)
+
+
+def test_dispatchers_name_their_options():
+    Wd, _, _, stats = _problem()
+    _, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    with pytest.raises(ValueError, match="'exact', 'fista' or 'admm'"):
+        adjust(Wd, stats, mask, Wd * mask, solver="lbfgs", steps=1, percdamp=0.01)
+    with pytest.raises(ValueError, match="'admm' or 'fista'"):
+        dense_reconstruction(Wd * mask, Wd, stats, solver="sgd")
+    by_name = dense_reconstruction(Wd * mask, Wd, stats, solver="fista", steps=30, l1=0.01)
+    assert torch.equal(by_name, fista(Wd * mask, Wd, stats, steps=30, l1=0.01))
+
+
+def _dead_problem():
+    Wd, _, _, stats = _problem(rows=16, cols=32)
+    H = stats.H.clone()
+    dead = [2, 11, 12, 13, 14, 15, 20]  # 12–15: a whole group of 4; 11–15: most of a block of 8
+    H[dead, :] = 0
+    H[:, dead] = 0
+    return Wd, LinearStats(H, H, H), dead
+
+
+@pytest.mark.parametrize("text", ["2:4", "unstructured:0.5"])
+@pytest.mark.parametrize("solver", ["exact", "fista", "admm"])
+def test_adjustment_keeps_exact_sparsity_with_dead_inputs(solver, text):
+    """A kept weight on a dead input does not affect the fit; the exact solve alone would leave it 0."""
+    Wd, stats, dead = _dead_problem()
+    pat = parse_pattern(text)
+    pruned, mask = prune("sparsegpt", Wd, pat, hessian=stats.H, blocksize=8)
+    out = adjust(Wd, stats, mask, pruned, solver=solver, steps=100, percdamp=0.01)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out != 0, mask), "zeros exactly where the mask removes"
+    kept_dead = mask[:, dead]
+    assert kept_dead.any()
+    assert torch.equal(out[:, dead][kept_dead], Wd[:, dead][kept_dead])
+    assert relative_error(out, Wd, stats) <= relative_error(pruned, Wd, stats)
+
+
+@pytest.mark.parametrize("solver", ["admm", "fista"])
+def test_dense_phase_leaves_dead_inputs_at_the_dense_weights(solver):
+    Wd, stats, dead = _dead_problem()
+    start, _ = prune("sparsegpt", Wd, parse_pattern("2:4"), hessian=stats.H)
+    out = dense_reconstruction(start, Wd, stats, solver=solver, l1=0.5, steps=100, iters=30)
+    assert torch.equal(out[:, dead], Wd[:, dead])
+    assert torch.isfinite(out).all()
+
+
+def test_admm_solvers_are_deterministic():
+    Wd, stats = _real_like_problem()
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    assert torch.equal(dense_admm(start, Wd, stats, l1=0.01), dense_admm(start, Wd, stats, l1=0.01))
+    assert torch.equal(masked_admm(Wd, stats, mask, start), masked_admm(Wd, stats, mask, start))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_solver_outputs_live_on_the_input_device(device):
+    Wd, _, _, stats = _problem(rows=8, cols=16)
+    Wd = Wd.to(device)
+    stats = LinearStats(*(t.to(device) for t in (stats.H, stats.G, stats.D)))
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    outs = [dense_reconstruction(start, Wd, stats, solver=s, l1=0.01, steps=5, iters=5) for s in ("admm", "fista")]
+    outs += [adjust(Wd, stats, mask, start, solver=s, steps=5, percdamp=0.01, admm_iters=5)
+             for s in ("exact", "fista", "admm")]
+    assert all(o.device.type == device and o.dtype == torch.float32 for o in outs)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 START, STOP = ROOT / "scripts" / "slurm" / "start.sh", ROOT / "scripts" / "slurm" / "stop.sh"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 # Rules that must run as SLURM jobs, and the localrules that must not.
-HEAVY = {"build_model", "activations", "prune1", "prune1_adjust", "reconstruct", "prune2", "evaluate_dense",
+HEAVY = {"build_model", "layer_inputs", "prune1", "prune1_adjust", "reconstruct", "prune2", "evaluate_dense",
          "evaluate_prune1", "evaluate_sds"}
 LOCAL = {"corpus", "calibration", "report"}
 JOBCOMP = Path("/var/log/slurm/jobcomp.log")

@@ -1,5 +1,8 @@
 """MLflow tracking: the default local store, and an unreachable server that must not lose results."""
+import json
 import logging
+import time
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,150 @@ def test_unreachable_server_keeps_results_and_sync_replays_them(in_tmp, monkeypa
     _, runs = _runs(store)
     stage = next(r for r in runs if r.data.tags.get("sds_stage") == "evaluate/dense")
     assert stage.data.metrics["ppl"] == 5.0
+
+
+def _stage_runs(client, runs):
+    return {r.info.run_name: r for r in runs if r.data.tags.get("sds_role") == "stage"}
+
+
+def test_experiment_is_a_model_training_one(in_tmp):
+    """MLflow 3 opens an experiment on GenAI traces unless its kind says model training; an experiment made
+    before the kind was set gets it on the next record."""
+    from mlflow.tracking import MlflowClient
+
+    from sds.tracking import record_stage
+
+    (in_tmp / "results").mkdir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'results' / 'mlflow.db'}")
+    exp_id = client.create_experiment("sds")
+    assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
+    cfg = _config()
+    assert record_stage(cfg, config_hash(cfg), "report", params={}, metrics={"rows": 4})
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkeypatch):
+    """Records kept offline keep their stages' start and end; sync replays them oldest first, so the
+    pipeline's run starts with its first stage and ends with its last."""
+    from sds.tracking import record_stage, sync_pending
+
+    cfg = _config()
+    h = config_hash(cfg)
+    t0 = time.time() - 3600
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert record_stage(cfg, h, "prune2/m/2of4/default", params={}, metrics={}, started=t0 + 100, ended=t0 + 160,
+                        parent_metrics={"ppl.wiki.m.2of4.default.sds": 20.0}) is False
+    assert record_stage(cfg, h, "prune1/m/2of4", params={}, metrics={}, started=t0, ended=t0 + 40) is False
+    store = f"sqlite:///{in_tmp / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync_pending("t") == (2, 0)
+    client, runs = _runs(store)
+    children = _stage_runs(client, runs)
+    assert (children["prune1/m/2of4"].info.start_time, children["prune1/m/2of4"].info.end_time) == \
+        (int(t0 * 1000), int((t0 + 40) * 1000))
+    assert (children["prune2/m/2of4/default"].info.start_time, children["prune2/m/2of4/default"].info.end_time) == \
+        (int((t0 + 100) * 1000), int((t0 + 160) * 1000))
+    (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
+    assert (parent.info.start_time, parent.info.end_time) == (int(t0 * 1000), int((t0 + 160) * 1000))
+    assert parent.data.metrics["ppl.wiki.m.2of4.default.sds"] == 20.0
+
+    # the stage run again under the same config replaces its earlier run (soft-deleted, restorable) ...
+    assert record_stage(cfg, h, "prune1/m/2of4", params={}, metrics={"m": 2.0}, started=t0 + 200, ended=t0 + 210)
+    # ... and a record older than the run already logged, replayed late, does not bring the old one back
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert record_stage(cfg, h, "prune1/m/2of4", params={}, metrics={"m": 1.0}, started=t0 + 50, ended=t0 + 60) is False
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync_pending("t") == (1, 0)
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name("sds")
+    active = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "prune1/m/2of4"]
+    deleted = [r for r in client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)]
+    assert [r.data.metrics["m"] for r in active] == [2.0]
+    assert [r.info.start_time for r in deleted] == [int(t0 * 1000)]
+    assert client.get_run(parent.info.run_id).info.end_time == int((t0 + 210) * 1000)
+
+
+def test_layer_metrics_are_series_over_decoder_layers():
+    """OPT and LLaMA weight names alike: one key per quantity, stage and linear kind; step = decoder layer."""
+    import torch
+
+    from conftest import tiny_llama, tiny_opt
+    from sds.tracking import layer_metrics
+
+    opt = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"}
+    llama = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"}
+    for model, kinds in ((tiny_opt(layers=3), opt), (tiny_llama(layers=3), llama)):
+        names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        infos = {n: {"rel_error": 0.01 * i, "rel_error_before": 0.02 * i, "fallback": True}
+                 for i, n in enumerate(names)}
+        metrics = layer_metrics(infos, "prune2")
+        assert {k for k, _, _ in metrics} == {f"{q}.prune2.{kind}" for q in ("rel_error", "rel_error_before")
+                                              for kind in kinds}
+        for key in {k for k, _, _ in metrics}:
+            assert sorted(step for k, _, step in metrics if k == key) == [0, 1, 2]
+        for i, name in enumerate(names):
+            layer, kind = name.split(".layers.")[1].removesuffix(".weight").split(".", 1)
+            assert (f"rel_error.prune2.{kind}", 0.01 * i, int(layer)) in metrics
+
+
+@pytest.mark.parametrize("copy_limit_mb, stored", [("0", "referenced"), ("256", "copied")])
+def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, copy_limit_mb, stored):
+    """A checkpoint folder becomes a logged model (card, config, tokenizer always) of the pipeline's run,
+    registered with its tags, output of the stage that wrote it and input of the one that logged it.
+    Weights above the copy limit stay where they are: the model holds weights.json pointing at the folder,
+    which loads; below it they are copied, and MLflow's copy loads."""
+    from urllib.parse import urlparse
+
+    import torch
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_opt
+    from sds.tracking import model_entry, record_stage, registered_name
+
+    folder = in_tmp / "results" / "t" / "sds" / "model"
+    original = tiny_opt()
+    original.save_pretrained(folder)
+    (folder / "README.md").write_text("# SDS model card\n")
+    monkeypatch.setenv("SDS_MLFLOW_COPY_WEIGHTS_MB", copy_limit_mb)
+    cfg = _config()
+    h = config_hash(cfg)
+    assert record_stage(cfg, h, "prune2/sparsegpt/2of4/default", params={}, metrics={})
+    name = registered_name("t", "sparsegpt", "2of4", "default")
+    entry = model_entry(name, folder, {"method": "sparsegpt", "pattern": "2:4", "ppl.wiki": 12.5},
+                        producer="prune2/sparsegpt/2of4/default")
+    assert record_stage(cfg, h, "evaluate/sparsegpt/2of4/default/sds", params={}, metrics={}, model=entry)
+
+    uri = f"sqlite:///{in_tmp / 'results' / 'mlflow.db'}"
+    client, runs = _runs(uri)
+    children = _stage_runs(client, runs)
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert name == "sds-t-sparsegpt-2of4-default"
+    assert (version.tags["method"], version.tags["pattern"], version.tags["ppl.wiki"]) == ("sparsegpt", "2:4", "12.5")
+    assert version.tags["weights"] == stored and version.tags["sds_config_hash"] == h
+    producer = client.get_run(children["prune2/sparsegpt/2of4/default"].info.run_id)
+    (model_id,) = [m.model_id for m in producer.outputs.model_outputs]
+    assert version.source == f"models:/{model_id}"
+    (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
+    assert version.run_id == client.get_logged_model(model_id).source_run_id == parent.info.run_id
+    evaluation = client.get_run(children["evaluate/sparsegpt/2of4/default/sds"].info.run_id)
+    assert [m.model_id for m in evaluation.inputs.model_inputs] == [model_id]
+    files = {f.path for f in client.list_logged_model_artifacts(model_id)}
+    assert {"README.md", "config.json", "generation_config.json"} <= files
+    assert ("model.safetensors" in files) == (stored == "copied")
+    local = Path(download_artifacts(artifact_uri=client.get_logged_model(model_id).artifact_location,
+                                    dst_path=str(in_tmp / "dl"), tracking_uri=uri))
+    assert (local / "README.md").read_text() == "# SDS model card\n"
+    if stored == "referenced":
+        reference = json.loads((local / "weights.json").read_text())
+        assert Path(urlparse(reference["uri"]).path) == folder.resolve()
+        assert version.tags["weights_uri"] == reference["uri"]
+        local = Path(urlparse(reference["uri"]).path)
+        stored_bytes = sum(p.stat().st_size for p in (in_tmp / "results" / "mlartifacts").rglob("*") if p.is_file())
+        assert stored_bytes < (folder / "model.safetensors").stat().st_size
+    loaded = AutoModelForCausalLM.from_pretrained(local)
+    for (key, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), key

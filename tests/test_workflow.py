@@ -1,5 +1,8 @@
 """End to end: the real Snakemake workflow on the micro config (about two minutes on 2 cores)."""
 import csv
+import hashlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,25 +53,34 @@ def test_rerun_is_a_no_op_and_reconstruct_change_reruns_only_downstream(micro_ru
     assert "prune1" in jobs and not jobs & {"corpus", "build_model", "calibration", "layer_inputs", "activations"}
 
 
-def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
+def _mlflow_runs(mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    work, _, _ = micro_run
-    assert not (work / "results" / "mlflow.db").exists(), "with MLFLOW_TRACKING_URI set, no local store is used"
-    assert not (work / "results" / "micro" / "mlflow_pending").exists()
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("sds")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sds_role") == "pipeline"]
     assert len(parents) == 1
-    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, exp, parents[0], {r.info.run_name: r for r in children}
+
+
+def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
+    work, _, _ = micro_run
+    assert not (work / "results" / "mlflow.db").exists(), "with MLFLOW_TRACKING_URI set, no local store is used"
+    assert not (work / "results" / "micro" / "mlflow_pending").exists()
+    client, exp, parent, children = _mlflow_runs(mlflow_server)
+    # a model-training experiment, so MLflow 3 opens it on its runs rather than on GenAI traces
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["config_hash"] == parent.data.tags["sds_config_hash"]
     assert parent.data.params["calibration.nsamples"] == "4"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    stages = {r.data.tags["sds_stage"] for r in children}
-    assert {"build_model", "calibration", "prune1/sparsegpt/2of4", "reconstruct/default",
-            "prune2/sparsegpt/2of4", "evaluate/sparsegpt/2of4/default/sds", "report"} <= stages
-    sds_eval = next(r for r in children if r.data.tags["sds_stage"] == "evaluate/sparsegpt/2of4/default/sds")
+    # one child per stage, each named by what it ran: stage / method / pattern / setting
+    assert len(children) == len([r for r in children.values() if r.data.tags["sds_stage"] == r.info.run_name])
+    assert {"corpus", "build_model", "calibration", "layer_inputs", "prune1/sparsegpt/2of4",
+            "prune1_adjust/sparsegpt/2of4", "reconstruct/sparsegpt/2of4/default", "prune2/sparsegpt/2of4/default",
+            "evaluate/dense", "evaluate/sparsegpt/2of4/prune1", "evaluate/sparsegpt/2of4/prune1+adjust",
+            "evaluate/sparsegpt/2of4/default/sds", "report"} == set(children)
+    sds_eval = children["evaluate/sparsegpt/2of4/default/sds"]
     assert sds_eval.data.metrics["sparsity"] == pytest.approx(0.5)
     import json
 
@@ -79,6 +91,140 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
     assert "git_revision" in sds_eval.data.tags
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report.md" in artifacts
+
+
+def test_mlflow_parent_compares_every_checkpoint(micro_run, mlflow_server):
+    """The pipeline's run carries each evaluated checkpoint's numbers, equal to summary.csv's rows; the
+    report run carries them too, with the row count."""
+    work, _, _ = micro_run
+    _, _, parent, children = _mlflow_runs(mlflow_server)
+    rows = [r for r in csv.DictReader((work / "results" / "summary.csv").open()) if r["run"] == "micro"]
+    checkpoint = {"dense": "dense", "prune1": "sparsegpt.2of4.prune1", "prune1+adjust": "sparsegpt.2of4.prune1_adjust",
+                  "sds": "sparsegpt.2of4.default.sds"}
+    assert len(rows) == 4
+    report = children["report"].data.metrics
+    for row in rows:
+        key = checkpoint[row["stage"]]
+        for metrics in (parent.data.metrics, report):
+            assert metrics[f"ppl.{row['dataset']}.{key}"] == pytest.approx(float(row["ppl"]), abs=5e-5)
+            assert metrics[f"sparsity.{key}"] == pytest.approx(float(row["sparsity"]), abs=5e-5)
+        zs = next(z for z in csv.DictReader((work / "results" / "micro" / "report" / "zeroshot.csv").open())
+                  if z["stage"] == row["stage"] and z["task"] == "mean")
+        assert parent.data.metrics[f"zeroshot_acc.{key}"] == pytest.approx(float(zs["acc"]), abs=5e-5)
+    assert report["rows"] == len(rows) and report["checkpoints"] == 4
+
+
+def test_mlflow_runs_span_the_stages_wall_clock(micro_run, mlflow_server):
+    """Each stage's run lies within the interval Snakemake's benchmark timed for its job (the TSV is written
+    as the job ends; `s` is its wall time) and lasts at least the stage's own measured seconds; the
+    pipeline's run spans all of them."""
+    work, _, _ = micro_run
+    _, _, parent, children = _mlflow_runs(mlflow_server)
+    bench = work / "results" / "micro" / "benchmarks"
+    tsv = {"corpus": "corpus/corpus", "build_model": "build_model/build_model",
+           "calibration": "calibration/calibration", "layer_inputs": "layer_inputs/layer_inputs",
+           "prune1/sparsegpt/2of4": "prune1/sparsegpt_2of4",
+           "prune1_adjust/sparsegpt/2of4": "prune1_adjust/sparsegpt_2of4",
+           "reconstruct/sparsegpt/2of4/default": "reconstruct/sparsegpt_2of4_default",
+           "prune2/sparsegpt/2of4/default": "prune2/sparsegpt_2of4_default", "evaluate/dense": "evaluate/dense",
+           "evaluate/sparsegpt/2of4/prune1": "evaluate/sparsegpt_2of4_prune1",
+           "evaluate/sparsegpt/2of4/prune1+adjust": "evaluate/sparsegpt_2of4_prune1_adjust",
+           "evaluate/sparsegpt/2of4/default/sds": "evaluate/sparsegpt_2of4_default_sds", "report": "report/report"}
+    assert set(tsv) == set(children)
+    slack = 1.0  # seconds: file times and /proc clock ticks
+    for name, run in children.items():
+        path = bench / f"{tsv[name]}.tsv"
+        job_end = path.stat().st_mtime
+        job_seconds = float(next(csv.DictReader(path.open(), delimiter="\t"))["s"])
+        start, end = run.info.start_time / 1000, run.info.end_time / 1000
+        assert job_end - job_seconds - slack <= start < end <= job_end + slack, name
+        assert end - start <= job_seconds + slack, name
+        if "seconds" in run.data.metrics:
+            assert end - start >= run.data.metrics["seconds"], name
+    assert parent.info.start_time == min(r.info.start_time for r in children.values())
+    assert parent.info.end_time == max(r.info.end_time for r in children.values())
+
+
+def test_mlflow_per_layer_errors_are_series_over_depth(micro_run, mlflow_server):
+    """rel_error.<stage>.<linear kind>: one value per decoder layer (step), equal to layers.json."""
+    work, _, _ = micro_run
+    client, _, _, children = _mlflow_runs(mlflow_server)
+    r = work / "results" / "micro" / "sparsegpt" / "2of4"
+    for name, folder, stage in (("prune1/sparsegpt/2of4", r / "prune1", "prune1"),
+                                ("prune1_adjust/sparsegpt/2of4", r / "prune1_adjust", "prune1_adjust"),
+                                ("prune2/sparsegpt/2of4/default", r / "default" / "sds", "prune2")):
+        linears = json.loads((folder / "layers.json").read_text())["linears"]
+        run = children[name]
+        assert not [k for k in run.data.metrics if "layers." in k], "no per-weight metric keys"
+        for kind in ("fc1", "fc2", "self_attn.q_proj", "self_attn.out_proj"):
+            history = client.get_metric_history(run.info.run_id, f"rel_error.{stage}.{kind}")
+            assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
+            for m in history:
+                expected = linears[f"model.decoder.layers.{m.step}.{kind}.weight"]["rel_error"]
+                assert m.value == pytest.approx(expected, rel=1e-12)
+
+
+def test_mlflow_dataset_inputs_name_the_texts(micro_run, mlflow_server):
+    """Calibration and evaluation texts as dataset inputs: source file, digest of its text, token count."""
+    from transformers import AutoTokenizer
+
+    from sds.data import tokenize
+
+    work, _, _ = micro_run
+    _, _, parent, children = _mlflow_runs(mlflow_server)
+    corpus = work / "results" / "micro" / "corpus"
+    tokenizer = AutoTokenizer.from_pretrained(work / "results" / "micro" / "model")
+    expected = {}
+    for name, split, context in (("calibration", "train", "calibration"), ("builtin", "test", "evaluation")):
+        text = (corpus / f"{split}.txt").read_text(encoding="utf-8")
+        expected[name] = (hashlib.sha256(text.encode()).hexdigest()[:16], str((corpus / f"{split}.txt").resolve()),
+                          tokenize(tokenizer, text).numel(), context)
+
+    def inputs(run):
+        found = {}
+        for item in run.inputs.dataset_inputs:
+            d = item.dataset
+            found[d.name] = (d.digest, json.loads(d.source)["uri"], json.loads(d.profile)["tokens"],
+                             {t.key: t.value for t in item.tags}["mlflow.data.context"])
+        return found
+
+    assert inputs(parent) == expected
+    assert inputs(children["calibration"]) == {"calibration": expected["calibration"]}
+    assert inputs(children["evaluate/sparsegpt/2of4/default/sds"]) == {"builtin": expected["builtin"]}
+    assert children["calibration"].data.metrics["source_tokens"] == expected["calibration"][2]
+
+
+def test_mlflow_registry_holds_the_sds_checkpoint(micro_run, mlflow_server, tmp_path):
+    """prune2's SDS folder is a logged model (card included) of the pipeline's run, output of prune2's run,
+    registered under sds-<run>-<method>-<pattern>-<setting> with the numbers of summary.csv as its version's
+    tags; small weights are copied, so the registered model loads from MLflow alone."""
+    from mlflow.artifacts import download_artifacts
+    from transformers import AutoModelForCausalLM
+
+    work, _, _ = micro_run
+    client, _, parent, children = _mlflow_runs(mlflow_server)
+    row = next(r for r in csv.DictReader((work / "results" / "summary.csv").open())
+               if r["run"] == "micro" and r["stage"] == "sds")
+    (version,) = client.search_model_versions("name = 'sds-micro-sparsegpt-2of4-default'")
+    tags = version.tags
+    assert (tags["method"], tags["pattern"], tags["recon"]) == (row["method"], row["pattern"], row["recon"])
+    assert f"{float(tags['sparsity']):.4f}" == row["sparsity"]
+    assert f"{float(tags['ppl.' + row['dataset']]):.4f}" == row["ppl"]
+    assert tags["sds_config_hash"] == parent.data.tags["sds_config_hash"] and tags["weights"] == "copied"
+    producer = client.get_run(children["prune2/sparsegpt/2of4/default"].info.run_id)
+    (model_id,) = [o.model_id for o in producer.outputs.model_outputs]
+    assert version.source == f"models:/{model_id}"
+    assert version.run_id == client.get_logged_model(model_id).source_run_id == parent.info.run_id
+    assert model_id in [o.model_id for o in client.get_run(parent.info.run_id).outputs.model_outputs]
+    assert client.get_logged_model(model_id).tags["ppl.builtin"] == tags["ppl.builtin"]
+    folder = work / "results" / "micro" / "sparsegpt" / "2of4" / "default" / "sds" / "model"
+    local = Path(download_artifacts(artifact_uri=client.get_logged_model(model_id).artifact_location,
+                                    dst_path=str(tmp_path), tracking_uri=mlflow_server))
+    assert (local / "README.md").read_text() == (folder / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(local)
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_sds_model_loads_and_generates(micro_run):
@@ -148,3 +294,25 @@ def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
         lm.layer(0)
         layer_statistics(lm, 0, settings, dense_dir=r / "activations" / "dense", prune1_dir=p1, kwargs=lm.kwargs(64),
                          batch=4)
+
+
+def test_export_registers_the_one_shot_checkpoints(micro_run, tmp_path):
+    """`snakemake export` on a copy of the run, logging to the default local store (SQLite under results/):
+    each exported checkpoint is a registered model tagged with its evaluation's numbers in summary.csv."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    work, _, _ = micro_run
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, symlinks=True)
+    snakemake(copy, "--cores", "2", "--configfile", str(copy / "micro.yaml"), "--", "export")
+    rows = {r["stage"]: r for r in csv.DictReader((copy / "results" / "summary.csv").open()) if r["run"] == "micro"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'results' / 'mlflow.db'}")
+    for stage, label in (("prune1", "prune1"), ("prune1_adjust", "prune1+adjust")):
+        (version,) = client.search_model_versions(f"name = 'sds-micro-sparsegpt-2of4-{stage}'")
+        assert (version.tags["stage"], version.tags["method"], version.tags["pattern"]) == (stage, "sparsegpt", "2:4")
+        assert f"{float(version.tags['ppl.builtin']):.4f}" == rows[label]["ppl"]
+        assert f"{float(version.tags['sparsity']):.4f}" == rows[label]["sparsity"]
+        files = {f.path for f in client.list_logged_model_artifacts(version.source.removeprefix("models:/"))}
+        assert {"README.md", "config.json", "model.safetensors"} <= files

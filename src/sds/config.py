@@ -181,6 +181,11 @@ def model_context_length(config: dict) -> int | None:
     return cfg.get("max_position_embeddings")
 
 
+def second_prune_settings(config: dict, recon: str) -> dict:
+    """The top-level `prune2` keys with SDS setting `recon`'s own overrides (`reconstruct.<recon>.prune2`)."""
+    return {**config["prune2"], **config["reconstruct"][recon].get("prune2", {})}
+
+
 def config_hash(config: dict) -> str:
     """Short stable hash of the resolved config (key order independent). `resources` (where and with how
     much memory a stage runs on a cluster) is left out: tuning it must not start a new MLflow pipeline run."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .model import find_linears, run_layer
-from .reconstruct import LinearStats
+from .stats import LinearStats
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ per-linear maths itself is in `pruners` and `reconstruct`.
     adjust ablation  (W₁, M₁) → W₁′                      refit the kept weights, mask fixed (no dense phase)
     reconstruction   (W₁, M₁) → W_r                      dense refit from W₁ with a sparsity-promoting L1
                                                          weighted Ω = l1_pruned_weight where M₁ removed
-    second prune     W_r → (W₂, M₂) → W₂′                the same pruner, then the adjustment; with
+    second prune     W_r → (W₂, M₂) → W₂′                the same pruner then the adjustment, or an ADMM
+                                                         mask grown from W_r (`selection: gradual`); with
                                                          `fallback`, (W₁, M₁) is kept if it fits better
 
 Every objective is the layer's output error against the dense weights, E(W) = E‖W_d x′ − W x‖².
@@ -17,13 +18,20 @@ import torch
 
 from .patterns import Pattern
 from .pruners import prune
-from .reconstruct import LinearStats, adjust, fista, relative_error
+from .reconstruct import adjust, dense_reconstruction, relative_error
+from .stats import LinearStats
+
+
+def _prune(method: str, W: torch.Tensor, stats: LinearStats, pattern: Pattern, prune_settings: dict, **extra):
+    p = prune_settings
+    return prune(method, W, pattern, hessian=stats.H, blocksize=p["blocksize"], percdamp=p["percdamp"],
+                 admm_iters=p["admm_iters"], admm_gradual_iters=p["admm_gradual_iters"],
+                 admm_percdamp=p["admm_percdamp"], **extra)
 
 
 def first_prune(method: str, W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, pattern: Pattern,
                 prune_settings: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    new_W, mask = prune(method, W, pattern, hessian=stats.H, blocksize=prune_settings["blocksize"],
-                        percdamp=prune_settings["percdamp"])
+    new_W, mask = _prune(method, W, stats, pattern, prune_settings)
     return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
                          "sparsity": 1 - float(mask.float().mean())}
 
@@ -31,10 +39,11 @@ def first_prune(method: str, W: torch.Tensor, W_dense: torch.Tensor, stats: Line
 def adjust_weights(prune2_settings: dict, W_dense: torch.Tensor, stats: LinearStats, mask: torch.Tensor,
                    W_init: torch.Tensor) -> torch.Tensor:
     """The post-prune adjustment with the mask fixed ('none': the pruned weights as they are)."""
-    if prune2_settings["adjust"] == "none":
+    p2 = prune2_settings
+    if p2["adjust"] == "none":
         return W_init * mask
-    return adjust(W_dense, stats, mask, W_init, solver=prune2_settings["adjust"], steps=prune2_settings["adjust_steps"],
-                  percdamp=prune2_settings["percdamp"])
+    return adjust(W_dense, stats, mask, W_init, solver=p2["adjust"], steps=p2["adjust_steps"], percdamp=p2["percdamp"],
+                  admm_iters=p2["adjust_iters"], admm_percdamp=p2["admm_percdamp"])
 
 
 def adjusted_first_prune(prune2_settings: dict, W_first: torch.Tensor, mask: torch.Tensor, W_dense: torch.Tensor,
@@ -54,8 +63,9 @@ def l1_weights(mask_first: torch.Tensor, pruned_weight: float) -> torch.Tensor:
 def reconstruct_linear(settings: dict, W_first: torch.Tensor, mask_first: torch.Tensor, W_dense: torch.Tensor,
                        stats: LinearStats) -> tuple[torch.Tensor, dict]:
     """The dense phase: every weight free again, fitted from the first prune's weights."""
-    W = fista(W_first, W_dense, stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
-              l1_weights=l1_weights(mask_first, settings["l1_pruned_weight"]))
+    W = dense_reconstruction(W_first, W_dense, stats, solver=settings["solver"], steps=settings["steps"],
+                             iters=settings["iters"], rho=settings["rho"], l1=settings["l1"], l2=settings["l2"],
+                             l1_weights=l1_weights(mask_first, settings["l1_pruned_weight"]))
     return W, {"rel_error_before": relative_error(W_first, W_dense, stats),
                "rel_error": relative_error(W, W_dense, stats),
                "near_zero": float((W.abs() < 1e-8).float().mean())}
@@ -64,15 +74,21 @@ def reconstruct_linear(settings: dict, W_first: torch.Tensor, mask_first: torch.
 def second_prune(method: str, W_recon: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, pattern: Pattern,
                  prune_settings: dict, prune2_settings: dict, first: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Prunes the reconstructed weights with the first prune's pruner and pattern, adjusts them, and with
-    `prune2.fallback` keeps the first prune's (weights, mask) when those fit the calibration target better
-    (the paper's early exit). `first`: the first prune's (weights, mask) of this linear."""
-    pruned, mask = prune(method, W_recon, pattern, hessian=stats.H, blocksize=prune_settings["blocksize"],
-                         percdamp=prune_settings["percdamp"])
-    new_W = adjust_weights(prune2_settings, W_dense, stats, mask, pruned)
-    info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
-            "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
-    if prune2_settings["fallback"] and first is not None:
+    """Prunes the reconstructed weights to the first prune's pattern and fits the survivors to the dense
+    layer: `selection: pruner` runs the first prune's pruner on them, then the adjustment; `gradual` grows
+    the mask over ADMM steps starting from them (the fit is part of the steps). With `fallback`, the first
+    prune's (weights, mask) are kept when they fit the calibration target better (the paper's early exit).
+    `first`: the first prune's (weights, mask) of this linear."""
+    p2 = prune2_settings
+    if p2["selection"] == "gradual":
+        new_W, mask = _prune("admm", W_dense, stats, pattern, prune_settings, W_start=W_recon)
+        info = {"rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
+    else:
+        pruned, mask = _prune(method, W_recon, stats, pattern, prune_settings)
+        new_W = adjust_weights(p2, W_dense, stats, mask, pruned)
+        info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
+                "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
+    if p2["fallback"] and first is not None:
         W_first, mask_first = first
         first_error = relative_error(W_first, W_dense, stats)
         info["rel_error_prune1"] = first_error

@@ -4,8 +4,11 @@
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
     python -m sds.mlflow_server stop
 
+    python -m sds.mlflow_server start --store results/mlflow.db   # browse the default local store
+
 Binds to 127.0.0.1 unless told otherwise (a tracking server has no authentication). The server runs in
-the background; its pid and log are in results/mlflow-server/.
+the background; its pid and log are in results/mlflow-server/. Open the printed UI address: MLflow 3's UI
+starts in its GenAI view, the address asks for the model-training one (the `Model training` switch).
 """
 from __future__ import annotations
 
@@ -36,11 +39,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start(port: int, host: str = "127.0.0.1", state: Path = STATE, timeout: float = 90.0) -> tuple[str, int]:
-    """Starts `mlflow server` and waits until it answers; returns (tracking URI, pid)."""
+def ui_address(url: str) -> str:
+    """The UI's experiment list in its model-training view (MLflow 3 opens on GenAI otherwise)."""
+    return f"{url}/#/experiments?workflowType=machine_learning"
+
+
+def start(port: int, host: str = "127.0.0.1", state: Path = STATE, timeout: float = 90.0,
+          store: Path | None = None) -> tuple[str, int]:
+    """Starts `mlflow server` and waits until it answers; returns (tracking URI, pid). `store`: an existing
+    SQLite store to serve (e.g. the pipeline's default results/mlflow.db) instead of state/mlflow.db."""
     state.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
-    backend = f"sqlite:///{(state / 'mlflow.db').resolve()}"
+    backend = f"sqlite:///{Path(store or state / 'mlflow.db').resolve()}"
     artifacts = (state / "artifacts").resolve()
     artifacts.mkdir(exist_ok=True)
     log = open(state / "server.log", "ab")
@@ -83,11 +93,12 @@ def main(argv=None) -> int:
     ap.add_argument("action", choices=["start", "stop"])
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--store", type=Path, help="serve this SQLite store (e.g. results/mlflow.db)")
     args = ap.parse_args(argv)
     if args.action == "start":
-        url, pid = start(args.port, args.host)
+        url, pid = start(args.port, args.host, store=args.store)
         print(url)
-        print(f"mlflow server pid {pid}; export MLFLOW_TRACKING_URI={url}", file=sys.stderr)
+        print(f"mlflow server pid {pid}; export MLFLOW_TRACKING_URI={url}; UI: {ui_address(url)}", file=sys.stderr)
     else:
         print("stopped" if stop() else "no server was running", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from . import method as sds_method
 from .checkpoints import CheckpointWriter, checkpoint_sparsity, write_model_folder
-from .config import config_hash
+from .config import config_hash, second_prune_settings
 from .io import (CorruptFileError, HOW_TO_RECREATE, TensorReader, atomic_dir, atomic_path, checksum_folder,
                  load_tensors, read_json, verify_checksum, write_checksum, write_json, write_text)
 from .model import LayerwiseModel, apply_weights, load_model
@@ -25,11 +25,15 @@ from .runtime import Progress, provenance, setup
 log = logging.getLogger("sds")
 
 
-def _track(config, stage, *, params=None, metrics=None, artifacts=(), parent_artifacts=()):
-    from .tracking import record_stage
+def _track(config, stage, *, started, params=None, metrics=None, artifacts=(), parent_artifacts=(), **extra):
+    """Records the stage as an MLflow child run named `stage` (unique within the pipeline), from `started`
+    (time.time() when the stage began) to now; `extra`: parent_metrics, inputs, model, tags (see tracking)."""
+    from .tracking import record_stage, stage_start
 
+    ended = time.time()
     record_stage(config, config_hash(config), stage, params=params or {}, metrics=metrics or {},
-                 artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance())
+                 artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance(),
+                 started=stage_start(started), ended=ended, **extra)
 
 
 def _layerwise_model(config: dict, model_dir: str, device) -> LayerwiseModel:
@@ -38,13 +42,11 @@ def _layerwise_model(config: dict, model_dir: str, device) -> LayerwiseModel:
                           trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
 
 
-def _layer_metrics(infos: dict) -> list:
-    metrics = []
-    for name, info in sorted(infos.items()):
-        for key in ("rel_error", "rel_error_before"):
-            if key in info:
-                metrics.append((f"{key}.{name}", info[key], 0))
-    return metrics
+def _layer_metrics(infos: dict, stage: str) -> list:
+    """Per-linear errors as MLflow series `rel_error.<stage>.<linear kind>`, step = decoder layer."""
+    from .tracking import layer_metrics
+
+    return layer_metrics(infos, stage)
 
 
 # --- 1. corpus and model ------------------------------------------------------------------------------
@@ -53,6 +55,7 @@ def corpus(config: dict, out: str) -> None:
     """Writes train.txt / test.txt: the generated corpus, or copies of configured text files."""
     from .corpus import builtin_splits
 
+    started = time.time()
     spec = config["model"]["builtin"]["corpus"]
     with atomic_dir(out) as tmp:
         if spec["source"] == "generated":
@@ -65,12 +68,15 @@ def corpus(config: dict, out: str) -> None:
                 raise ValueError(f"corpus split {name!r} has only {len(text.split())} words; at least 1000 needed")
             (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
     log.info("corpus: train %d chars, test %d chars", len(splits["train"]), len(splits["test"]))
+    _track(config, "corpus", started=started, params=spec,
+           metrics={f"{k}_characters": len(v) for k, v in splits.items()})
 
 
 def build_model(config: dict, corpus_dir: str, out: str) -> None:
     """Trains the embedded default model (tokenizer + small OPT or LLaMA) on the corpus's train split."""
     from .modelbuild import build_model as train
 
+    started = time.time()
     setup(config)  # seed; training runs on the CPU with its own thread count
     b = config["model"]["builtin"]
     torch.set_num_threads(b["threads"])
@@ -88,8 +94,8 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
         write_json(tmp / "build.json", info)
     log.info("model built in %.1fs: %d parameters, final train loss %.3f", info["seconds"], info["parameters"],
              info["final_train_loss"])
-    _track(config, "build_model", params=b, metrics=[("train_loss", v, (i + 1) * 10) for i, v in
-                                                      enumerate(info["loss_curve"])] +
+    _track(config, "build_model", started=started, params=b,
+           metrics=[("train_loss", v, (i + 1) * 10) for i, v in enumerate(info["loss_curve"])] +
            [("parameters", info["parameters"], 0), ("seconds", info["seconds"], 0)])
 
 
@@ -102,7 +108,9 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
     from transformers import AutoTokenizer
 
     from .data import read_text_source, sample_windows, tokenize
+    from .tracking import text_input
 
+    started = time.time()
     setup(config)
     cal = config["calibration"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
@@ -114,7 +122,10 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
     with atomic_path(out, checksum=True, record=True) as tmp:  # record: the CLI may delete it if corrupt
         pq.write_table(table, str(tmp))
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
-    _track(config, "calibration", params=cal, metrics={"source_tokens": ids.numel()})
+    _track(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
+           inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
+                              path=Path(corpus_dir) / "train.txt" if cal["source"] == "builtin" else None,
+                              windows=windows.shape[0], seqlen=windows.shape[1])])
 
 
 def read_calibration(path: str) -> torch.Tensor:
@@ -135,6 +146,7 @@ def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) 
     every sequential pass starts. Its manifest gives nsamples and seqlen to the stages after it."""
     from .passes import write_layer_inputs
 
+    started = time.time()
     device = setup(config)
     lm = _layerwise_model(config, model_dir, device)
     windows = read_calibration(calibration_file)
@@ -143,6 +155,7 @@ def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) 
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["model"]["dtype"]})
     log.info("layer inputs: %d × %d tokens", *windows.shape)
+    _track(config, "layer_inputs", started=started, metrics={"layers": len(lm), "windows": windows.shape[0]})
 
 
 def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
@@ -151,6 +164,7 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
     settings that fit to the dense model's own hidden states read it."""
     from .passes import dense_pass
 
+    started = time.time()
     device = setup(config)
     lm = _layerwise_model(config, model_dir, device)
     windows = read_calibration(calibration_file)
@@ -158,7 +172,7 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
         dense_pass(config, lm, windows, tmp)
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
-    _track(config, "activations", params=config["activations"], metrics={"layers": len(lm)})
+    _track(config, "activations", started=started, params=config["activations"], metrics={"layers": len(lm)})
 
 
 # --- 4. first prune and the adjust ablation ---------------------------------------------------------------
@@ -176,6 +190,7 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
     per-layer inputs (stream/)."""
     from .passes import sequential_pass
 
+    started = time.time()
     device = setup(config)
     pat = pattern_from_slug(pattern)
     lm = _layerwise_model(config, model_dir, device)
@@ -195,8 +210,10 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
                                 stream_out=stream_out, stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
         checkpoint.close({"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
-    _track(config, f"prune1/{method}/{pattern}", params={"method": method, "pattern": str(pat), **config["prune"]},
-           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+    _track(config, f"prune1/{method}/{pattern}", started=started,
+           params={"method": method, "pattern": str(pat), **config["prune"]},
+           metrics=_layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
+           tags={"sds_method": method, "sds_pattern": pattern})
 
 
 def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, out: str,
@@ -205,6 +222,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
     phase), so the dense phase's own contribution is visible."""
     from .passes import sequential_pass
 
+    started = time.time()
     device = setup(config)
     lm = _layerwise_model(config, model_dir, device)
     nsamples, seqlen = _calibration_shape(inputs_dir)
@@ -221,8 +239,10 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
         infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
                                 source=first, dense_dir=dense_dir if cross else None, what="prune1+adjust layer")
         checkpoint.close()
-    _track(config, f"prune1_adjust/{Path(prune1_dir).parent.parent.name}/{Path(prune1_dir).parent.name}",
-           params=config["prune2"], metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0)])
+    method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
+    _track(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
+           metrics=_layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
+           tags={"sds_method": method, "sds_pattern": pattern})
 
 
 # --- 5. dense reconstruction ------------------------------------------------------------------------------
@@ -253,24 +273,29 @@ def _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, re
 def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, out: str,
                 dense_dir: str | None = None) -> None:
     """Dense reconstruction of every decoder layer in one job."""
-    start = time.monotonic()
+    started, start = time.time(), time.monotonic()
     with atomic_dir(out) as tmp:
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": config["reconstruct"][recon]})
-    _track(config, f"reconstruct/{recon}", params=config["reconstruct"][recon],
-           metrics=_layer_metrics(summary["linears"]) + [("seconds", time.monotonic() - start, 0)])
+    method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
+    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
+           metrics=_layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
+           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
 
 def reconstruct_one_layer(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, layer: str,
                           out: str, dense_dir: str | None = None) -> None:
     """Layer-parallel mode: reconstructs decoder layer `layer` only (its own job); `out` is a folder with
     that layer's weights.safetensors and layers.json, merged by `reconstruct_gather`."""
+    from .tracking import stage_start
+
     i = int(layer)
-    start = time.monotonic()
+    started, start = time.time(), time.monotonic()
     with atomic_dir(out) as tmp:
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, [i], tmp,
                                       {"layer": i})
         summary["seconds"] = time.monotonic() - start
+        summary["started"] = stage_start(started)  # the gathered reconstruct run starts with its first layer job
         write_json(tmp / "layers.json", summary)
 
 
@@ -279,10 +304,13 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
     one tensor in memory at a time."""
     from .io import SafetensorsStreamWriter
 
+    started = time.time()
     readers = [TensorReader(Path(part) / "weights.safetensors", device="cpu") for part in parts]
     infos = {}
     for part in parts:
-        infos.update(read_json(Path(part) / "layers.json")["linears"])
+        part_summary = read_json(Path(part) / "layers.json")
+        infos.update(part_summary["linears"])
+        started = min(started, part_summary.get("started", started))
     specs = {name: reader.spec(name) for reader in readers for name in reader.keys()}
     with atomic_dir(out) as tmp:
         with SafetensorsStreamWriter(tmp / "weights.safetensors", specs) as writer:
@@ -291,36 +319,42 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
                     writer.write(name, reader[name])
         write_json(tmp / "layers.json", {"linears": infos, "settings": config["reconstruct"][recon],
                                          "layer_parallel": True, "parts": len(parts)})
-    _track(config, f"reconstruct/{recon}", params={**config["reconstruct"][recon], "layer_parallel": True},
-           metrics=_layer_metrics(infos))
+    method, pattern = Path(out).parent.parent.parent.name, Path(out).parent.parent.name
+    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started,
+           params={**config["reconstruct"][recon], "layer_parallel": True},
+           metrics=_layer_metrics(infos, "reconstruct"), tags={"sds_method": method, "sds_pattern": pattern,
+                                                               "sds_recon": recon})
 
 
 # --- 6. second prune ---------------------------------------------------------------------------------------
 
 def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, reconstruct_dir: str, method: str,
-           pattern: str, out: str, dense_dir: str | None = None) -> None:
-    """Second prune of the reconstructed model with the same pruner and pattern (sequential), then the
-    weight adjustment to the dense target; writes a loadable Hugging Face folder with masks and a card."""
+           pattern: str, recon: str, out: str, dense_dir: str | None = None) -> None:
+    """Second prune of the reconstructed model to the same pattern (sequential; see method.second_prune),
+    with SDS setting `recon`'s second-prune keys; writes a loadable Hugging Face folder with masks and a card."""
     from .passes import sequential_pass
 
+    started = time.time()
     device = setup(config)
     pat = pattern_from_slug(pattern)
     lm = _layerwise_model(config, model_dir, device)
     nsamples, seqlen = _calibration_shape(inputs_dir)
-    recon = TensorReader(Path(reconstruct_dir) / "weights.safetensors", device=device)
+    refit = TensorReader(Path(reconstruct_dir) / "weights.safetensors", device=device)
     first = TensorReader(Path(prune1_dir) / "weights.safetensors", device=device)
     first_masks = TensorReader(Path(prune1_dir) / "masks.safetensors", device=device)
 
+    settings = second_prune_settings(config, recon)
+
     def update(i, name, W, W_dense, stats):
-        return sds_method.second_prune(method, W, W_dense, stats, pat, config["prune"], config["prune2"],
+        return sds_method.second_prune(method, W, W_dense, stats, pat, config["prune"], settings,
                                        (first[name], first_masks[name]))
 
-    cross = config["prune2"]["adjust_target"] == "dense_stream"
+    cross = settings["adjust_target"] == "dense_stream"
     start = time.monotonic()
     with atomic_dir(out) as tmp:
         checkpoint = CheckpointWriter(tmp, lm, range(len(lm)), masks=True)
         infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
-                                source=recon, dense_dir=dense_dir if cross else None,
+                                source=refit, dense_dir=dense_dir if cross else None,
                                 what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
@@ -329,8 +363,11 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                            trust_remote_code=config["model"]["trust_remote_code"])
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
-    _track(config, f"prune2/{method}/{pattern}", params={"method": method, "pattern": str(pat), **config["prune2"]},
-           metrics=_layer_metrics(infos) + [("seconds", time.monotonic() - start, 0), ("fallbacks", fallbacks, 0)])
+    _track(config, f"prune2/{method}/{pattern}/{recon}", started=started,
+           params={"method": method, "pattern": str(pat), **settings},
+           metrics=_layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
+                                                      ("fallbacks", fallbacks, 0)],
+           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
 
 def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: str, pattern: str, out: str) -> None:
@@ -339,18 +376,29 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     of the report can be shipped."""
     import shutil
 
+    from .tracking import model_entry, registered_name
+
+    started = time.time()
     lm = _layerwise_model(config, model_dir, "cpu")
     weights = TensorReader(Path(checkpoint) / "weights.safetensors", device="cpu")
     summary = read_json(Path(checkpoint) / "layers.json")
+    sparsity = checkpoint_sparsity(lm, weights)
     with atomic_dir(out) as tmp:
         for name in ("masks.safetensors", "layers.json"):
             shutil.copyfile(Path(checkpoint) / name, tmp / name)
         checksum_folder(tmp)
         write_model_folder(lm, model_dir, Path(checkpoint) / "weights.safetensors", tmp / "model",
-                           model_card(config, stage, method, pattern_from_slug(pattern),
-                                      checkpoint_sparsity(lm, weights), summary),
+                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary),
                            trust_remote_code=config["model"]["trust_remote_code"])
     log.info("exported %s %s %s to %s", stage, method, pattern, out)
+    # its perplexity, if this checkpoint's evaluation (results/<run>/eval/<method>/<pattern>/<stage>.json) ran
+    evaluation = Path(out).parents[3] / "eval" / method / pattern / f"{stage}.json"
+    ppl = {f"ppl.{k}": v for k, v in read_json(evaluation)["ppl"].items()} if evaluation.is_file() else {}
+    _track(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
+           tags={"sds_method": method, "sds_pattern": pattern},
+           model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / "model",
+                             {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
+                              "sparsity": sparsity["overall"], **ppl}))
 
 
 # --- 7. evaluation and report ------------------------------------------------------------------------------
@@ -378,7 +426,9 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
     from .data import perplexity_windows, read_text_source, tokenize
     from .evaluate import measured_sparsity, pattern_violations, perplexity
+    from .tracking import headline_metrics, model_entry, registered_name, text_input
 
+    started = time.time()
     zs = config["evaluate"]["zeroshot"]
     zs_files = None
     if zs["enabled"]:  # every task's data file is checked before the evaluation starts
@@ -395,10 +445,14 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
               "recon": recon, "ppl": {}, "windows": {}}
     start = time.monotonic()
+    texts = []
     for name, source in ev["datasets"].items():
         text = read_text_source(source, builtin_text=Path(corpus_dir) / "test.txt" if corpus_dir else None,
                                 split="test")
-        windows = perplexity_windows(tokenize(tokenizer, text), ev["seqlen"], ev["max_windows"])
+        ids = tokenize(tokenizer, text)
+        windows = perplexity_windows(ids, ev["seqlen"], ev["max_windows"])
+        texts.append(text_input(name, source, text, ids.numel(), "evaluation", windows=windows.shape[0],
+                                path=Path(corpus_dir) / "test.txt" if source == "builtin" else None))
         progress = Progress(f"evaluate {label} on {name}: window", windows.shape[0])
         result["ppl"][name] = perplexity(model, windows, progress=lambda d, n: progress(d, n) if d == n else None)
         result["windows"][name] = windows.shape[0]
@@ -424,15 +478,33 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     result["seconds"] = time.monotonic() - start
     result["config_hash"], result["provenance"] = config_hash(config), provenance()
     write_json(out, result)
-    _track(config, f"evaluate/{label}", params={"label": label},
+    headline = headline_metrics(result)
+    sds_model = None
+    if stage == "sds":  # registered now that its perplexity is known; prune2 made it (see tracking._log_model)
+        tags = {"method": method, "pattern": result["pattern"], "recon": recon, "stage": stage,
+                "sparsity": sp["overall"], **{f"ppl.{k}": v for k, v in result["ppl"].items()},
+                "zeroshot_acc": (result.get("zeroshot") or {}).get("mean", {}).get("acc")}
+        sds_model = model_entry(registered_name(config["run"], method, pattern, recon), model_dir,
+                                {k: v for k, v in tags.items() if v is not None},
+                                producer=f"prune2/{method}/{pattern}/{recon}")
+    _track(config, f"evaluate/{label}", started=started, params={"label": label},
            metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],
-                    "seconds": result["seconds"], **zs_metrics})
+                    "seconds": result["seconds"], **zs_metrics},
+           parent_metrics=headline, inputs=texts, model=sds_model,
+           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
 
 
 def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
            benchmarks: list[str] = (), checkpoints: list[str] = ()) -> None:
     from .report import build_report
+    from .tracking import headline_metrics
 
+    started = time.time()
     setup(config)
     artifacts = build_report(config, evals, list(benchmarks), Path(out), Path(summary_csv), model_dir, list(checkpoints))
-    _track(config, "report", parent_artifacts=artifacts, artifacts=artifacts)
+    results = [read_json(p) for p in evals]
+    numbers = {k: v for r in results for k, v in headline_metrics(r).items()}
+    # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
+    # their numbers to that config's run only
+    _track(config, "report", started=started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
+           metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})

@@ -10,10 +10,10 @@ rule layer_inputs:
     output:
         directory(INPUTS),
     params:
-        deps=slice_of("device", "model.dtype", "activations.row_group_size"),
+        deps=slice_of("device", "model.dtype", "activations.row_group_size", "forward_batch"),
     threads: THREADS
     resources:
-        **rule_resources("activations"),
+        **rule_resources("layer_inputs"),
     log:
         f"{R}/logs/layer_inputs.log",
     benchmark:

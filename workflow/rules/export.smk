@@ -11,6 +11,8 @@ rule export_checkpoint:
         stage="prune1|prune1_adjust",
     params:
         deps=slice_of("model.source"),
+    resources:
+        **rule_resources("export_checkpoint"),
     log:
         f"{R}/logs/export/{{method}}_{{pattern}}_{{stage}}.log",
     benchmark:

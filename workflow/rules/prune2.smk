@@ -6,11 +6,12 @@ rule prune2:
         inputs=INPUTS,
         dense=DENSE if ADJUST_NEEDS_DENSE else [],
         prune1=f"{R}/{{method}}/{{pattern}}/prune1",
-        reconstruct=f"{R}/{{method}}/{{pattern}}/{{recon}}/reconstruct",
+        reconstruct=lambda wc: f"{R}/{wc.method}/{wc.pattern}/{RECON_SOURCE[wc.recon]}/reconstruct",
     output:
         directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
     params:
-        deps=pruner_slice("threads", "device", "model.dtype", "forward_batch", "prune2"),
+        deps=lambda wc: json.dumps({"pruner": json.loads(pruner_slice("threads", "device", "model.dtype", "forward_batch")(wc)),
+                                    "prune2": second_prune_settings(RESOLVED, wc.recon)}, sort_keys=True),
         dense_arg=f"dense_dir={DENSE}" if ADJUST_NEEDS_DENSE else "",
     threads: THREADS
     resources:
@@ -22,4 +23,4 @@ rule prune2:
     shell:
         "{STAGE} prune2 --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} {params.dense_arg} "
         "prune1_dir={input.prune1:q} reconstruct_dir={input.reconstruct:q} method={wildcards.method} "
-        "pattern={wildcards.pattern} out={output:q} 2>&1 | tee {log:q}"
+        "pattern={wildcards.pattern} recon={wildcards.recon} out={output:q} 2>&1 | tee {log:q}"

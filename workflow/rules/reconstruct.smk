@@ -2,7 +2,7 @@
 # Every layer reads only the caches, so with `layer_parallel: true` each decoder layer is its own job
 # ({layer} wildcard) and a gather rule merges them into the same checkpoint layout.
 
-RECON_DEPS = lambda wc: json.dumps({"settings": RESOLVED["reconstruct"][wc.recon], "threads": THREADS,
+RECON_DEPS = lambda wc: json.dumps({"settings": json.loads(_dense_phase(wc.recon)), "threads": THREADS,
                                     "dtype": RESOLVED["model"]["dtype"],
                                     "forward_batch": RESOLVED["forward_batch"]}, sort_keys=True)
 

@@ -7,15 +7,15 @@ EVALS = [f"{R}/eval/dense.json"] + [
 # pattern's dense reconstruction (for the weight histograms, drawn for the first folder's method and pattern).
 CKPTS = [f"{R}/{m}/{p}/{s}" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")]
 CKPTS += [f"{R}/{m}/{p}/{r}/sds" for m in METHODS for p in PATTERNS for r in RECONS]
-CKPTS += [f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECONS[0]}/reconstruct"]
+CKPTS += [f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECON_SOURCE[RECONS[0]]}/reconstruct"]
 
 _B = f"{R}/benchmarks"
 DENSE_NEEDED = ADJUST_NEEDS_DENSE or any(recon_needs_dense(r) for r in RECONS)
 BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]
               + (["activations"] if DENSE_NEEDED else [])]
 BENCHMARKS += [f"{_B}/{s}/{m}_{p}.tsv" for s in ("prune1", "prune1_adjust") for m in METHODS for p in PATTERNS]
-BENCHMARKS += [f"{_B}/{s}/{m}_{p}_{r}.tsv" for s in ("reconstruct", "prune2") for m in METHODS for p in PATTERNS
-               for r in RECONS]
+BENCHMARKS += [f"{_B}/reconstruct/{m}_{p}_{r}.tsv" for m in METHODS for p in PATTERNS for r in dict.fromkeys(RECON_SOURCE.values())]
+BENCHMARKS += [f"{_B}/prune2/{m}_{p}_{r}.tsv" for m in METHODS for p in PATTERNS for r in RECONS]
 BENCHMARKS += [f"{_B}/evaluate/dense.tsv"] + [f"{_B}/evaluate/{m}_{p}_{s}.tsv" for m in METHODS for p in PATTERNS
                                               for s in ("prune1", "prune1_adjust")]
 BENCHMARKS += [f"{_B}/evaluate/{m}_{p}_{r}_sds.tsv" for m in METHODS for p in PATTERNS for r in RECONS]

@@ -1,0 +1,20 @@
+"""The statistics every per-linear objective needs: second moments of a linear layer's inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LinearStats:
+    """H = E[x xᵀ] of the inputs x the layer sees, G = E[x x′ᵀ] and D = E[x′ x′ᵀ] with the inputs x′ its
+    target sees (the 'dense_stream' target); for the default target x′ = x and G, D alias H."""
+    H: torch.Tensor
+    G: torch.Tensor
+    D: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        """Mean input energy, used to make regulariser strengths independent of layer scale."""
+        return float(torch.diagonal(self.H).mean().clamp_min(1e-12))
