@@ -210,15 +210,20 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_truncated_user_model_is_named_and_nothing_is_deleted(stage_run, tmp_path):
+@pytest.mark.parametrize("stage", ["prune1", "evaluate"])  # the layer-wise loader and the whole-model one
+def test_truncated_user_model_is_named_and_nothing_is_deleted(stage_run, tmp_path, stage):
     work = _private_copy(stage_run, tmp_path)
     weights = work / "results" / RUN / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     before = _tree(work / "results")
-    proc = _prune1(work)
+    if stage == "prune1":
+        proc = _prune1(work)
+    else:
+        proc = _cli(work, "evaluate", "--config", "config.json", f"model_dir={weights.parent}",
+                    f"out=results/{RUN}/eval/dense.json")
     assert proc.returncode == 1
     line = _error_line(proc)
-    assert str(weights) in line and "Nothing was deleted" in line, line
+    assert f"{weights}: not a readable safetensors file (truncated:" in line and "Nothing was deleted" in line, line
     assert _tree(work / "results") == before, "the user's model (and everything else) is untouched"
 
 

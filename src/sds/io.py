@@ -315,10 +315,14 @@ def checksum_folder(folder: str | Path) -> None:
 
 
 def verify_folder(folder: str | Path) -> None:
-    """Verifies the safetensors files of a folder that has sidecars (folders we wrote); others pass."""
+    """Verifies the safetensors files of a model folder: against their sidecars where they have them (files
+    we wrote); otherwise (a user's checkpoint) that each is whole, its header readable and every tensor
+    inside the file, so a truncated file is named here rather than deep inside a library's loader."""
     for f in sorted(Path(folder).glob("*.safetensors")):
         if _sidecar(f).is_file():
             verify_checksum(f)
+        else:
+            SafetensorsFile(f).close()
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -477,8 +481,12 @@ class SafetensorsFile:
                 begin, end = entry["data_offsets"]
                 dtype, shape = _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
                 nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-                if end - begin != nbytes or self._start + end > size:
-                    raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
+                if end - begin != nbytes:
+                    raise ValueError(f"tensor {name!r} has {end - begin} bytes where {entry['dtype']} "
+                                     f"{list(shape)} needs {nbytes}")
+                if self._start + end > size:
+                    raise ValueError(f"truncated: tensor {name!r} ends at byte {self._start + end} of a "
+                                     f"{size}-byte file")
                 self._entries[name] = (dtype, shape, begin)
         except (ValueError, KeyError, TypeError) as exc:
             self._fh.close()
