@@ -45,7 +45,7 @@ def test_stages_compute_on_one_device_whatever_their_inputs(micro_run, tmp_path,
         elif stage == "reconstruct":
             stages.reconstruct(config, recon="default", out=str(tmp_path / "out"), **common)
         else:
-            stages.prune2(config, method="sparsegpt", pattern="2of4", reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"),
+            stages.prune2(config, method="sparsegpt", pattern="2of4", recon="default", reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"),
                           out=str(tmp_path / "out"), **common)
     assert guard.checked > 100, "the stage ran under the guard"
     assert (tmp_path / "out" / "weights.safetensors").is_file()
