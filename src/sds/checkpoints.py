@@ -77,3 +77,24 @@ def write_model_folder(lm: LayerwiseModel, model_dir, weights_file: Path, out: P
     AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
     checksum_folder(out)
     write_text(out / "README.md", card)
+
+
+def merge_checkpoints(parts: list[Path], out: Path) -> dict:
+    """Concatenates stage checkpoints of disjoint decoder layers (layer-parallel reconstruction) into one
+    weights.safetensors in `out`, one tensor in memory at a time; returns their merged per-linear infos
+    and the earliest `started` time any part recorded."""
+    from .io import read_json
+
+    readers = [TensorReader(Path(part) / "weights.safetensors", device="cpu") for part in parts]
+    infos, started = {}, None
+    for part in parts:
+        summary = read_json(Path(part) / "layers.json")
+        infos.update(summary["linears"])
+        if "started" in summary:
+            started = summary["started"] if started is None else min(started, summary["started"])
+    specs = {name: reader.spec(name) for reader in readers for name in reader.keys()}
+    with SafetensorsStreamWriter(Path(out) / "weights.safetensors", specs) as writer:
+        for reader in readers:
+            for name in reader.keys():
+                writer.write(name, reader[name])
+    return {"linears": infos, "started": started}

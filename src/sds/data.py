@@ -108,3 +108,30 @@ def perplexity_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None =
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seqlen].view(n, seqlen)
+
+
+def write_calibration(path: str | Path, windows: torch.Tensor) -> None:
+    """The calibration windows (nsamples × seqlen token ids) as Parquet, atomically, with its checksum and
+    ownership record (it is a stage output the CLI may remove when it is found corrupt)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .io import atomic_path
+
+    table = pa.table({"input_ids": pa.array(windows.to(torch.int32).tolist(), type=pa.list_(pa.int32()))})
+    with atomic_path(path, checksum=True, record=True) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def read_calibration(path: str | Path) -> torch.Tensor:
+    """The windows `write_calibration` wrote, checksum verified (long, nsamples × seqlen)."""
+    import pyarrow.parquet as pq
+
+    from .io import HOW_TO_RECREATE, CorruptFileError, verify_checksum
+
+    verify_checksum(path)
+    try:
+        column = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").to_pylist()
+    except Exception as exc:
+        raise CorruptFileError(f"{path}: not a readable calibration file ({exc}); {HOW_TO_RECREATE}") from None
+    return torch.tensor(column, dtype=torch.long)

@@ -1,7 +1,11 @@
-"""Perplexity (the SparseGPT/Wanda protocol) and achieved-sparsity checks."""
+"""Evaluation of one checkpoint: perplexity (the SparseGPT/Wanda protocol) on every configured text,
+zero-shot accuracy, and achieved-sparsity checks."""
 from __future__ import annotations
 
+import logging
 import math
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,3 +55,44 @@ def pattern_violations(model: nn.Module, pattern: Pattern) -> int:
             groups = (W != 0).reshape(W.shape[0], -1, pattern.m).sum(-1)
             bad += int((groups > pattern.n).sum())
     return bad
+
+
+def evaluate_checkpoint(model: nn.Module, tokenizer, config: dict, *, label: str, corpus_dir=None,
+                        zeroshot_files: dict | None = None) -> tuple[dict, list[dict]]:
+    """Perplexity on every `evaluate.datasets` text, zero-shot accuracy on `zeroshot_files` (from
+    tasksets.task_files; None: none) and the exact-zero sparsity of `model`. Returns the scores and, per
+    text, what tracking records of it (`args` for tracking.text_input, and keywords)."""
+    from .data import perplexity_windows, read_text_source, tokenize
+    from .runtime import Progress
+
+    log = logging.getLogger("sds")
+    ev = config["evaluate"]
+    scores = {"ppl": {}, "windows": {}}
+    texts = []
+    for name, source in ev["datasets"].items():
+        builtin = Path(corpus_dir) / "test.txt" if corpus_dir else None
+        text = read_text_source(source, builtin_text=builtin, split="test")
+        ids = tokenize(tokenizer, text)
+        windows = perplexity_windows(ids, ev["seqlen"], ev["max_windows"])
+        texts.append({"args": (name, source, text, ids.numel(), "evaluation"), "windows": windows.shape[0],
+                      "path": builtin if source == "builtin" else None})
+        progress = Progress(f"evaluate {label} on {name}: window", windows.shape[0])
+        scores["ppl"][name] = perplexity(model, windows, progress=lambda d, n: progress(d, n) if d == n else None)
+        scores["windows"][name] = windows.shape[0]
+        log.info("%s: perplexity on %s = %.4f (%d windows of %d)", label, name, scores["ppl"][name],
+                 windows.shape[0], ev["seqlen"])
+    if zeroshot_files:
+        from .zeroshot import evaluate_zeroshot
+
+        zs = ev["zeroshot"]
+        start = time.monotonic()
+        scores["zeroshot"] = evaluate_zeroshot(model, tokenizer, zeroshot_files, batch_size=zs["batch_size"],
+                                               limit=zs["limit"], bootstrap_iters=zs["bootstrap_iters"],
+                                               seed=config["seed"])
+        scores["zeroshot"]["seconds"] = time.monotonic() - start
+        log.info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label,
+                 scores["zeroshot"]["mean"].get("acc", float("nan")), ", ".join(zeroshot_files),
+                 scores["zeroshot"]["seconds"])
+    sparsity = measured_sparsity(model)
+    scores["sparsity"], scores["sparsity_per_layer"] = sparsity["overall"], sparsity["per_layer"]
+    return scores, texts

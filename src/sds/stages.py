@@ -15,12 +15,13 @@ import torch
 from . import method as sds_method
 from .checkpoints import CheckpointWriter, checkpoint_sparsity, write_model_folder
 from .config import config_hash, second_prune_settings
-from .io import (CorruptFileError, HOW_TO_RECREATE, TensorReader, atomic_dir, atomic_path, checksum_folder,
-                 load_tensors, read_json, verify_checksum, write_checksum, write_json, write_text)
+from .data import read_calibration
+from .io import TensorReader, atomic_dir, checksum_folder, load_tensors, read_json, write_json
 from .model import LayerwiseModel, apply_weights, load_model
 from .modelcard import model_card
 from .patterns import pattern_from_slug
 from .runtime import Progress, provenance, setup
+from .tracking import layer_metrics
 
 log = logging.getLogger("sds")
 
@@ -40,13 +41,6 @@ def _layerwise_model(config: dict, model_dir: str, device) -> LayerwiseModel:
     """The model for layer-by-layer stages: one decoder layer in memory at a time (see LayerwiseModel)."""
     return LayerwiseModel(model_dir, dtype=config["model"]["dtype"],
                           trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
-
-
-def _layer_metrics(infos: dict, stage: str) -> list:
-    """Per-linear errors as MLflow series `rel_error.<stage>.<linear kind>`, step = decoder layer."""
-    from .tracking import layer_metrics
-
-    return layer_metrics(infos, stage)
 
 
 # --- 1. corpus and model ------------------------------------------------------------------------------
@@ -103,40 +97,25 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
 
 def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None = None) -> None:
     """Samples nsamples × seqlen token windows (seeded) → Parquet of token ids."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from .data import read_text_source, sample_windows, tokenize
+    from .data import read_text_source, sample_windows, tokenize, write_calibration
     from .tracking import text_input
 
     started = time.time()
     setup(config)
     cal = config["calibration"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
-    text = read_text_source(cal["source"], text_field=cal["text_field"],
-                            builtin_text=Path(corpus_dir) / "train.txt" if corpus_dir else None, split="train")
+    builtin = Path(corpus_dir) / "train.txt" if corpus_dir else None
+    text = read_text_source(cal["source"], text_field=cal["text_field"], builtin_text=builtin, split="train")
     ids = tokenize(tokenizer, text)
     windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
-    table = pa.table({"input_ids": pa.array(windows.to(torch.int32).tolist(), type=pa.list_(pa.int32()))})
-    with atomic_path(out, checksum=True, record=True) as tmp:  # record: the CLI may delete it if corrupt
-        pq.write_table(table, str(tmp))
+    write_calibration(out, windows)
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
     _track(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
            inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
-                              path=Path(corpus_dir) / "train.txt" if cal["source"] == "builtin" else None,
+                              path=builtin if cal["source"] == "builtin" else None,
                               windows=windows.shape[0], seqlen=windows.shape[1])])
-
-
-def read_calibration(path: str) -> torch.Tensor:
-    import pyarrow.parquet as pq
-
-    verify_checksum(path)
-    try:
-        column = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").to_pylist()
-    except Exception as exc:
-        raise CorruptFileError(f"{path}: not a readable calibration file ({exc}); {HOW_TO_RECREATE}") from None
-    return torch.tensor(column, dtype=torch.long)
 
 
 # --- 3. layer inputs and the dense activation cache --------------------------------------------------------
@@ -212,7 +191,7 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
     _track(config, f"prune1/{method}/{pattern}", started=started,
            params={"method": method, "pattern": str(pat), **config["prune"]},
-           metrics=_layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
+           metrics=layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
 
 
@@ -241,7 +220,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
         checkpoint.close()
     method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
     _track(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
-           metrics=_layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
+           metrics=layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
 
 
@@ -279,7 +258,7 @@ def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, 
                                       {"settings": config["reconstruct"][recon]})
     method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
     _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
-           metrics=_layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
+           metrics=layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
 
@@ -300,30 +279,20 @@ def reconstruct_one_layer(config: dict, model_dir: str, inputs_dir: str, prune1_
 
 
 def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> None:
-    """Merges per-layer reconstruction outputs into the same checkpoint layout `reconstruct` writes,
-    one tensor in memory at a time."""
-    from .io import SafetensorsStreamWriter
+    """Merges per-layer reconstruction outputs into the same checkpoint layout `reconstruct` writes."""
+    from .checkpoints import merge_checkpoints
 
     started = time.time()
-    readers = [TensorReader(Path(part) / "weights.safetensors", device="cpu") for part in parts]
-    infos = {}
-    for part in parts:
-        part_summary = read_json(Path(part) / "layers.json")
-        infos.update(part_summary["linears"])
-        started = min(started, part_summary.get("started", started))
-    specs = {name: reader.spec(name) for reader in readers for name in reader.keys()}
     with atomic_dir(out) as tmp:
-        with SafetensorsStreamWriter(tmp / "weights.safetensors", specs) as writer:
-            for reader in readers:
-                for name in reader.keys():
-                    writer.write(name, reader[name])
-        write_json(tmp / "layers.json", {"linears": infos, "settings": config["reconstruct"][recon],
+        merged = merge_checkpoints([Path(p) for p in parts], tmp)
+        write_json(tmp / "layers.json", {"linears": merged["linears"], "settings": config["reconstruct"][recon],
                                          "layer_parallel": True, "parts": len(parts)})
     method, pattern = Path(out).parent.parent.parent.name, Path(out).parent.parent.name
-    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started,
+    # the gathered run starts with its first layer job
+    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=min(started, merged["started"] or started),
            params={**config["reconstruct"][recon], "layer_parallel": True},
-           metrics=_layer_metrics(infos, "reconstruct"), tags={"sds_method": method, "sds_pattern": pattern,
-                                                               "sds_recon": recon})
+           metrics=layer_metrics(merged["linears"], "reconstruct"),
+           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
 
 # --- 6. second prune ---------------------------------------------------------------------------------------
@@ -365,7 +334,7 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
              time.monotonic() - start, fallbacks, len(infos))
     _track(config, f"prune2/{method}/{pattern}/{recon}", started=started,
            params={"method": method, "pattern": str(pat), **settings},
-           metrics=_layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
+           metrics=layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
                                                       ("fallbacks", fallbacks, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
@@ -406,17 +375,11 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
 def zeroshot_tasks(config: dict, out: str) -> None:
     """Writes the embedded default's own multiple-choice tasks, generated from the corpus grammar, as
     <task>/test.jsonl: the local data files that the built-in task YAMLs (sds/tasks/) read."""
-    import json
-
-    from .corpus import CHOICE_TASKS, choice_items
+    from .zeroshot import write_builtin_tasks
 
     n = config["evaluate"]["zeroshot"]["builtin_items"]
     with atomic_dir(out) as tmp:
-        for task in CHOICE_TASKS:
-            (tmp / task).mkdir()
-            items = choice_items(task, n, config["seed"])
-            write_text(tmp / task / "test.jsonl", "".join(json.dumps(r) + "\n" for r in items))
-    log.info("zero-shot tasks: %d items each of %s", n, ", ".join(CHOICE_TASKS))  # no MLflow record: n is in each evaluation
+        write_builtin_tasks(tmp, n, config["seed"])  # no MLflow record: n is in each evaluation
 
 
 def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = None, weights: str | None = None,
@@ -424,9 +387,8 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
              tasks_dir: str | None = None) -> None:
     """Perplexity on every configured dataset, zero-shot accuracy (lm-eval-harness) and the achieved
     sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
-    from .data import perplexity_windows, read_text_source, tokenize
-    from .evaluate import measured_sparsity, pattern_violations, perplexity
-    from .tracking import headline_metrics, model_entry, registered_name, text_input
+    from .evaluate import evaluate_checkpoint, pattern_violations
+    from .tracking import evaluated_model_entry, headline_metrics, text_input
 
     started = time.time()
     zs = config["evaluate"]["zeroshot"]
@@ -440,57 +402,29 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
                                   trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
     if weights:
         apply_weights(model, load_tensors(weights, device=device))
-    ev = config["evaluate"]
     label = "/".join(x for x in (method, pattern, recon, stage) if x)
     result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
-              "recon": recon, "ppl": {}, "windows": {}}
+              "recon": recon}
     start = time.monotonic()
-    texts = []
-    for name, source in ev["datasets"].items():
-        text = read_text_source(source, builtin_text=Path(corpus_dir) / "test.txt" if corpus_dir else None,
-                                split="test")
-        ids = tokenize(tokenizer, text)
-        windows = perplexity_windows(ids, ev["seqlen"], ev["max_windows"])
-        texts.append(text_input(name, source, text, ids.numel(), "evaluation", windows=windows.shape[0],
-                                path=Path(corpus_dir) / "test.txt" if source == "builtin" else None))
-        progress = Progress(f"evaluate {label} on {name}: window", windows.shape[0])
-        result["ppl"][name] = perplexity(model, windows, progress=lambda d, n: progress(d, n) if d == n else None)
-        result["windows"][name] = windows.shape[0]
-        log.info("%s: perplexity on %s = %.4f (%d windows of %d)", label, name, result["ppl"][name],
-                 windows.shape[0], ev["seqlen"])
-    zs_metrics = {}
-    if zs_files:
-        from .zeroshot import evaluate_zeroshot, flat_metrics
-
-        zs_start = time.monotonic()
-        result["zeroshot"] = evaluate_zeroshot(model, tokenizer, zs_files, batch_size=zs["batch_size"],
-                                               limit=zs["limit"], bootstrap_iters=zs["bootstrap_iters"],
-                                               seed=config["seed"])
-        result["zeroshot"]["seconds"] = time.monotonic() - zs_start
-        zs_metrics = flat_metrics(result["zeroshot"])
-        log.info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label,
-                 result["zeroshot"]["mean"].get("acc", float("nan")), ", ".join(zs_files),
-                 result["zeroshot"]["seconds"])
-    sp = measured_sparsity(model)
-    result["sparsity"], result["sparsity_per_layer"] = sp["overall"], sp["per_layer"]
+    scores, texts = evaluate_checkpoint(model, tokenizer, config, label=label, corpus_dir=corpus_dir,
+                                        zeroshot_files=zs_files)
+    result.update(scores)
     if pattern:
         result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
     result["seconds"] = time.monotonic() - start
     result["config_hash"], result["provenance"] = config_hash(config), provenance()
     write_json(out, result)
+    zs_metrics = {}
+    if "zeroshot" in result:
+        from .zeroshot import flat_metrics
+
+        zs_metrics = flat_metrics(result["zeroshot"])
     headline = headline_metrics(result)
-    sds_model = None
-    if stage == "sds":  # registered now that its perplexity is known; prune2 made it (see tracking._log_model)
-        tags = {"method": method, "pattern": result["pattern"], "recon": recon, "stage": stage,
-                "sparsity": sp["overall"], **{f"ppl.{k}": v for k, v in result["ppl"].items()},
-                "zeroshot_acc": (result.get("zeroshot") or {}).get("mean", {}).get("acc")}
-        sds_model = model_entry(registered_name(config["run"], method, pattern, recon), model_dir,
-                                {k: v for k, v in tags.items() if v is not None},
-                                producer=f"prune2/{method}/{pattern}/{recon}")
+    sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
     _track(config, f"evaluate/{label}", started=started, params={"label": label},
-           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": sp["overall"],
+           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
                     "seconds": result["seconds"], **zs_metrics},
-           parent_metrics=headline, inputs=texts, model=sds_model,
+           parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
 
 

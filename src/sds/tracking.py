@@ -134,6 +134,18 @@ def model_entry(name: str, path: str | Path, tags: dict, producer: str | None = 
             "producer": producer, "copy_weights_bytes": int(limit_mb * 2 ** 20)}
 
 
+def evaluated_model_entry(run: str, result: dict, model_dir: str | Path) -> dict:
+    """The model entry of an evaluated SDS checkpoint: registered when its evaluation finishes, so every
+    registry version carries its perplexity and sparsity; prune2 wrote it."""
+    method, pattern, recon = result["method"], result["pattern"], result["recon"]
+    slug = Path(model_dir).parent.parent.parent.name  # <method>/<pattern slug>/<recon>/sds/model
+    tags = {"method": method, "pattern": pattern, "recon": recon, "stage": result["stage"],
+            "sparsity": result["sparsity"], **{f"ppl.{k}": v for k, v in result["ppl"].items()},
+            "zeroshot_acc": (result.get("zeroshot") or {}).get("mean", {}).get("acc")}
+    return model_entry(registered_name(run, method, slug, recon), model_dir,
+                       {k: v for k, v in tags.items() if v is not None}, producer=f"prune2/{method}/{slug}/{recon}")
+
+
 # --- logging one record -------------------------------------------------------------------------------
 
 def _client():

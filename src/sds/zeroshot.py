@@ -16,13 +16,26 @@ import math
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from .data import hub_offline
 from .tasksets import (BUILTIN_TASKS, TASK_SETS, TASKS_DIR, TaskDataError, available_tasks, resolve_tasks,  # noqa: F401
                        task_files, task_spec)
 
 METRICS = ("acc", "acc_norm", "perplexity")
+log = logging.getLogger("sds")
+
+
+def write_builtin_tasks(folder: Path, items: int, seed: int) -> None:
+    """The embedded model's tasks (generated from the corpus grammar) as <task>/test.jsonl in `folder`."""
+    import json
+
+    from .corpus import CHOICE_TASKS, choice_items
+    from .io import write_text
+
+    for task in CHOICE_TASKS:
+        (folder / task).mkdir()
+        write_text(folder / task / "test.jsonl", "".join(json.dumps(r) + "\n" for r in choice_items(task, items, seed)))
+    log.info("zero-shot tasks: %d items each of %s", items, ", ".join(CHOICE_TASKS))
 
 
 def task_configs(files: dict, cache_dir: str | Path) -> list[dict]:
