@@ -167,7 +167,6 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
 
     import torch
     from mlflow.artifacts import download_artifacts
-    from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_opt
