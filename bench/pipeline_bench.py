@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def main() -> int:
     report = workdir / "results" / run_name / "report" / "report.md"
     default_report = workdir / "report_default.md"
     default_report.write_text(report.read_text())
+    shutil.copytree(report.parent, workdir / "report_default", dirs_exist_ok=True)  # with its figures
 
     # a pruning setting: model, calibration and caches are reused; only the SparseGPT outputs depend on it
     cfg.setdefault("prune", {})["percdamp"] = 0.02
