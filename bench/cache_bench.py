@@ -272,7 +272,7 @@ def stage_share(args) -> int:
     rows += [run_stage(cfg_path, "prune1", p1, method="sparsegpt", pattern="2of4", cache_stream="false", **common),
              run_stage(cfg_path, "reconstruct", rec, prune1_dir=p1, recon="default", **common),
              run_stage(cfg_path, "prune2", sds, prune1_dir=p1, reconstruct_dir=rec, method="sparsegpt",
-                       pattern="2of4", **common)]
+                       pattern="2of4", recon="default", **common)]
     total = {k: sum(r[k] for r in rows) for k in ("stage_s", "read_s", "read_bytes", "wait_s", "write_s",
                                                   "write_bytes", "hash_cpu_s")}
     print(_row_line("all stages", sum(r["wall_s"] for r in rows), total))

@@ -124,7 +124,7 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
         rec = work / method / slug / "default" / "reconstruct"
         rows.append(stage(cfg_path, "reconstruct", rec, prune1_dir=p1, recon="default", **common))
         rows.append(stage(cfg_path, "prune2", work / method / slug / "default" / "sds", prune1_dir=p1,
-                          reconstruct_dir=rec, method=method, pattern=slug, **common))
+                          reconstruct_dir=rec, method=method, pattern=slug, recon="default", **common))
     return rows
 
 
