@@ -190,13 +190,20 @@ def test_hub_id_is_read_from_the_local_cache_or_named(checkpoints, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("name", ["opt125m", "smollm2"])
+def _documented_config(name: str) -> dict:
+    if name == "readme":  # the example config of the README's "Prune your own model"
+        section = (ROOT / "README.md").read_text().split("## Prune your own model", 1)[1]
+        return yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    return yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["opt125m", "smollm2", "readme"])
 def test_documented_configs_validate_and_build_their_dag(name, checkpoints, tmp_path):
     """The configs the README documents, with their model and data paths pointed at stand-ins of the same
     kind (CI has neither OPT-125M nor SmolLM2): every other key is theirs, validated, and their DAG builds."""
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    cfg = yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+    cfg = _documented_config(name)
     model_dir = tmp_path / "model"
     torch.manual_seed(0)
     if name == "opt125m":
