@@ -37,6 +37,12 @@ def _track(config, stage, *, started, params=None, metrics=None, artifacts=(), p
                  started=stage_start(started), ended=ended, **extra)
 
 
+def _method_pattern(path) -> tuple[str, str]:
+    """(method, pattern slug) of an output one level below `<method>/<pattern>/`, e.g. a prune1 folder."""
+    path = Path(path)
+    return path.parent.parent.name, path.parent.name
+
+
 def _layerwise_model(config: dict, model_dir: str, device) -> LayerwiseModel:
     """The model for layer-by-layer stages: one decoder layer in memory at a time (see LayerwiseModel)."""
     return LayerwiseModel(model_dir, dtype=config["model"]["dtype"],
@@ -218,7 +224,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
         infos = sequential_pass(config, lm, nsamples, seqlen, inputs_dir, update, tmp / "work", checkpoint,
                                 source=first, dense_dir=dense_dir if cross else None, what="prune1+adjust layer")
         checkpoint.close()
-    method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
+    method, pattern = _method_pattern(prune1_dir)
     _track(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
            metrics=layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
@@ -256,7 +262,7 @@ def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, 
     with atomic_dir(out) as tmp:
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": config["reconstruct"][recon]})
-    method, pattern = Path(prune1_dir).parent.parent.name, Path(prune1_dir).parent.name
+    method, pattern = _method_pattern(prune1_dir)
     _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
            metrics=layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
@@ -287,7 +293,7 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
         merged = merge_checkpoints([Path(p) for p in parts], tmp)
         write_json(tmp / "layers.json", {"linears": merged["linears"], "settings": config["reconstruct"][recon],
                                          "layer_parallel": True, "parts": len(parts)})
-    method, pattern = Path(out).parent.parent.parent.name, Path(out).parent.parent.name
+    method, pattern = _method_pattern(Path(out).parent)
     # the gathered run starts with its first layer job
     _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=min(started, merged["started"] or started),
            params={**config["reconstruct"][recon], "layer_parallel": True},
