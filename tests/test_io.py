@@ -383,3 +383,30 @@ def test_write_over_the_file_size_limit_names_the_output_and_leaves_nothing(tmp_
     code, filename = proc.stdout.split()
     assert int(code) == errno.EFBIG and filename == str(tmp_path / named)
     assert list(tmp_path.iterdir()) == [], "the temporary was removed"
+
+
+@pytest.mark.parametrize("memory_bytes", [0, 3 * 4 * 5 * 8, 1 << 20])  # always disk, spills mid-stream, all held
+def test_work_stream_gives_the_same_batches_held_spilled_or_on_disk(tmp_path, memory_bytes):
+    from sds.streams import WorkStream, append_batch, cache_file
+
+    torch.manual_seed(0)
+    first = cache_file(tmp_path / "inputs", 0)
+    first.parent.mkdir()
+    batches = [torch.randn(2, 5, 8, dtype=torch.bfloat16) for _ in range(3)] + [torch.randn(1, 5, 8, dtype=torch.bfloat16)]
+    with ParquetTensorWriter(first, dtype=torch.bfloat16, row_group_size=2) as writer:
+        for b in batches:
+            append_batch(writer, b)
+    stream = WorkStream(tmp_path / "work", first, dtype=torch.bfloat16, device="cpu", batch_size=2,
+                        row_group_size=2, memory_bytes=memory_bytes)
+    expected = batches
+    for layer in range(1, 4):  # each "layer" doubles its input; read twice as a pass does (statistics, propagate)
+        assert [b.shape[0] for b in stream] == [b.shape[0] for b in expected]
+        for got, want in zip(stream, expected):
+            assert torch.equal(got, want)
+        stream.advance((b * 2 for b in stream), layer)
+        expected = [b * 2 for b in expected]
+        on_disk = sorted(p.name for p in (tmp_path / "work").glob("*.parquet"))
+        assert on_disk == ([] if memory_bytes == 1 << 20 else [f"stream_{layer:03d}.parquet"])
+    assert torch.equal(torch.cat(list(stream)), torch.cat(expected))
+    stream.close()
+    assert not (tmp_path / "work").exists() and first.exists()

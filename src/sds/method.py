@@ -18,7 +18,7 @@ import torch
 
 from .patterns import Pattern
 from .pruners import prune
-from .reconstruct import adjust, dense_reconstruction, relative_error
+from .reconstruct import adjust, dense_reconstruction, relative_error, relative_errors
 from .stats import LinearStats
 
 
@@ -49,8 +49,8 @@ def adjust_weights(prune2_settings: dict, W_dense: torch.Tensor, stats: LinearSt
 def adjusted_first_prune(prune2_settings: dict, W_first: torch.Tensor, mask: torch.Tensor, W_dense: torch.Tensor,
                          stats: LinearStats) -> tuple[torch.Tensor, torch.Tensor, dict]:
     new_W = adjust_weights(prune2_settings, W_dense, stats, mask, W_first)
-    return new_W, mask, {"rel_error": relative_error(new_W, W_dense, stats),
-                         "rel_error_before": relative_error(W_first, W_dense, stats)}
+    after, before = relative_errors([new_W, W_first], W_dense, stats)
+    return new_W, mask, {"rel_error": after, "rel_error_before": before}
 
 
 def l1_weights(mask_first: torch.Tensor, pruned_weight: float) -> torch.Tensor:
@@ -66,8 +66,8 @@ def reconstruct_linear(settings: dict, W_first: torch.Tensor, mask_first: torch.
     W = dense_reconstruction(W_first, W_dense, stats, solver=settings["solver"], steps=settings["steps"],
                              iters=settings["iters"], rho=settings["rho"], l1=settings["l1"], l2=settings["l2"],
                              l1_weights=l1_weights(mask_first, settings["l1_pruned_weight"]))
-    return W, {"rel_error_before": relative_error(W_first, W_dense, stats),
-               "rel_error": relative_error(W, W_dense, stats),
+    before, after = relative_errors([W_first, W], W_dense, stats)
+    return W, {"rel_error_before": before, "rel_error": after,
                "near_zero": float((W.abs() < 1e-8).float().mean())}
 
 
@@ -86,8 +86,8 @@ def second_prune(method: str, W_recon: torch.Tensor, W_dense: torch.Tensor, stat
     else:
         pruned, mask = _prune(method, W_recon, stats, pattern, prune_settings)
         new_W = adjust_weights(p2, W_dense, stats, mask, pruned)
-        info = {"rel_error_pruned": relative_error(pruned, W_dense, stats),
-                "rel_error": relative_error(new_W, W_dense, stats), "fallback": False}
+        pruned_error, error = relative_errors([pruned, new_W], W_dense, stats)
+        info = {"rel_error_pruned": pruned_error, "rel_error": error, "fallback": False}
     if p2["fallback"] and first is not None:
         W_first, mask_first = first
         first_error = relative_error(W_first, W_dense, stats)

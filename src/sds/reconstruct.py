@@ -27,18 +27,37 @@ def target_product(W_dense: torch.Tensor, stats: LinearStats) -> torch.Tensor:
     return W_dense.float() @ stats.G.T
 
 
+def _error_and_norm(W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, with_norm: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """E(W) and, if asked, E_t‖W_d x′_t‖². With one stream (G = D = H) E(W) = tr(Δ H Δᵀ), Δ = W − W_d: one
+    (out × in) @ (in × in) product instead of three, and no cancellation between large terms."""
+    W, Wd = W.float(), W_dense.float()
+    if stats.single_stream:
+        delta = W - Wd
+        value = ((delta @ stats.H) * delta).sum()
+        norm = ((Wd @ stats.H) * Wd).sum() if with_norm else None
+        return value, norm
+    norm = ((Wd @ stats.D) * Wd).sum()
+    value = ((W @ stats.H) * W).sum() - 2 * ((W @ stats.G) * Wd).sum() + norm
+    return value, norm
+
+
 def reconstruction_error(W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats) -> float:
     """E(W) summed over output rows: tr(W H Wᵀ) − 2 tr(W G W_dᵀ) + tr(W_d D W_dᵀ)."""
-    W, Wd = W.float(), W_dense.float()
-    value = ((W @ stats.H) * W).sum() - 2 * ((W @ stats.G) * Wd).sum() + ((Wd @ stats.D) * Wd).sum()
-    return float(value.clamp_min(0))
+    return float(_error_and_norm(W, W_dense, stats, with_norm=False)[0].clamp_min(0))
 
 
 def relative_error(W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats) -> float:
     """E(W) / E_t‖W_d x′_t‖²: 0 is perfect, 1 is as bad as outputting zeros."""
-    Wd = W_dense.float()
-    norm = float(((Wd @ stats.D) * Wd).sum().clamp_min(1e-30))
-    return reconstruction_error(W, W_dense, stats) / norm
+    value, norm = _error_and_norm(W, W_dense, stats, with_norm=True)
+    return float(value.clamp_min(0)) / float(norm.clamp_min(1e-30))
+
+
+def relative_errors(Ws: list[torch.Tensor], W_dense: torch.Tensor, stats: LinearStats) -> list[float]:
+    """`relative_error` of each of `Ws` against the same target, the norm computed once."""
+    values = [_error_and_norm(W, W_dense, stats, with_norm=i == 0) for i, W in enumerate(Ws)]
+    norm = float(values[0][1].clamp_min(1e-30)) if values else 1.0
+    return [float(value.clamp_min(0)) / norm for value, _ in values]
 
 
 def dense_objective(W: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, *, l1: float = 0.0, l2: float = 0.0,

@@ -57,6 +57,10 @@ def release_memory(device: torch.device | None = None) -> None:
     import gc
 
     gc.collect()
+    # What survives a full collection here (imported modules, the model) lives until the process ends;
+    # frozen, the next call scans only what the layer since created (0.17 s → ms per layer at OPT-125M).
+    # Reference counting still frees frozen tensors; only cycles among them would wait for the exit.
+    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

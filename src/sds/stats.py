@@ -15,6 +15,11 @@ class LinearStats:
     D: torch.Tensor
 
     @property
+    def single_stream(self) -> bool:
+        """True when G and D alias H (the default target), so errors can be formed from W − W_d alone."""
+        return self.G is self.H and self.D is self.H
+
+    @property
     def scale(self) -> float:
         """Mean input energy, used to make regulariser strengths independent of layer scale."""
         return float(torch.diagonal(self.H).mean().clamp_min(1e-12))

@@ -7,6 +7,7 @@ host-to-device copies (from pinned memory, asynchronous) overlap the layer's com
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from pathlib import Path
@@ -147,31 +148,54 @@ def tee(batches: Iterable[torch.Tensor], writer: ParquetTensorWriter | None) -> 
 
 
 class WorkStream:
-    """The hidden states a layer-by-layer pass carries from one decoder layer to the next, kept on disk
-    (Parquet in the model's dtype, so nothing is rounded) and read a batch at a time. Files live in
-    `folder` (inside the stage's temporary output folder); each is deleted as soon as the next layer's file
-    is complete. `first` (e.g. the dense cache of layer 0) is read but never deleted."""
+    """The hidden states a layer-by-layer pass carries from one decoder layer to the next, read a batch at
+    a time. Up to `memory_bytes` of them stay in memory as the batches the layer produced (small
+    calibration sets: no disk round trip per layer); a larger stream goes to disk (Parquet in the
+    model's dtype, so nothing is rounded either way), so memory stays bounded whatever nsamples × seqlen.
+    Files live in `folder` (inside the stage's temporary output folder); each is deleted as soon as the
+    next layer's stream is complete. `first` (e.g. the dense cache of layer 0) is read but never deleted."""
 
-    def __init__(self, folder: Path, first: Path, *, dtype, device, batch_size: int, row_group_size: int):
+    def __init__(self, folder: Path, first: Path, *, dtype, device, batch_size: int, row_group_size: int,
+                 memory_bytes: int = 256 << 20):
         self.folder, self.current = Path(folder), Path(first)
         self.dtype, self.device, self.batch_size, self.row_group_size = dtype, device, batch_size, row_group_size
+        self.memory_bytes = memory_bytes
+        self.held: list[torch.Tensor] | None = None  # the current stream when it is in memory
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.held is not None:
+            return iter(self.held)
         return read_batches(self.current, dtype=self.dtype, device=self.device, batch_size=self.batch_size)
 
     def advance(self, outputs: Iterable[torch.Tensor], layer: int, also: ParquetTensorWriter | None = None) -> None:
-        """Writes `outputs` (batches: the next layer's inputs) as the new current file; `also` gets them too."""
+        """Takes `outputs` (batches: the next layer's inputs) as the new current stream, in memory while it
+        fits `memory_bytes`, else written to a file; `also` gets them too."""
         path = self.folder / f"stream_{layer:03d}.parquet"
-        with ParquetTensorWriter(path, dtype=self.dtype, row_group_size=self.row_group_size) as writer:
+        held: list[torch.Tensor] | None = []
+        size = 0
+        with contextlib.ExitStack() as stack:
+            writer = None
             for batch in outputs:
-                append_batch(writer, batch)
                 append_batch(also, batch)
+                if writer is None:
+                    size += batch.numel() * batch.element_size()
+                    if size <= self.memory_bytes:
+                        held.append(batch.detach().to(self.dtype))
+                        continue
+                    writer = stack.enter_context(
+                        ParquetTensorWriter(path, dtype=self.dtype, row_group_size=self.row_group_size))
+                    for kept in held:  # spilled: what was held goes first, in order
+                        append_batch(writer, kept)
+                    held = None
+                append_batch(writer, batch)
         self._drop_current()
+        self.held = held
         self.current = path
 
     def _drop_current(self) -> None:
-        if self.current.parent == self.folder:
+        self.held = None
+        if self.current.parent == self.folder and self.current.exists():
             self.current.unlink()
             self.current.with_name(self.current.name + CHECKSUM_SUFFIX).unlink(missing_ok=True)
 
