@@ -71,7 +71,7 @@ def model_dir(tmp_path_factory):
 
 
 def _stage_ppl(tmp_path, model_dir, datasets, corpus_dir=None, max_windows=None, seqlen=64):
-    from sds import stages
+    from sds import eval_stages as stages
 
     cfg = validate_config({"run": "t", "threads": 1, "mlflow": {"enabled": False},
                            "evaluate": {"seqlen": seqlen, "datasets": datasets, "max_windows": max_windows,

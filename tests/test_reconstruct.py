@@ -215,3 +215,29 @@ def test_solver_outputs_live_on_the_input_device(device):
     outs += [adjust(Wd, stats, mask, start, solver=s, steps=5, percdamp=0.01, admm_iters=5)
              for s in ("exact", "fista", "admm")]
     assert all(o.device.type == device and o.dtype == torch.float32 for o in outs)
+
+
+@pytest.mark.parametrize("penalty", ["none", "l1", "mask"])
+def test_admm_steps_in_place_equal_the_textbook_iteration_bit_for_bit(penalty):
+    """admm_iterate reuses its buffers; each step must still be V = W + U, Z = prox(V), U = V − Z,
+    W = (C + ρ(Z − U)) S exactly, also with an identity prox (whose Z is V itself)."""
+    from sds.admm import _inverse_spd, admm_iterate
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 24)
+    A = X.T @ X / 256 + 0.1 * torch.eye(24)
+    C, W0 = torch.randn(8, 24), torch.randn(8, 24)
+    keep = torch.rand(8, 24) > 0.5
+    prox = {"none": lambda V, _s: V, "l1": lambda V, _s: V - torch.clamp(V, -0.05, 0.05),
+            "mask": lambda V, _s: V * keep}[penalty]
+    rho, steps = 0.3, 7
+    start = W0.clone()
+    S = _inverse_spd(A + rho * torch.eye(24))
+    W, U = W0.clone(), torch.zeros_like(W0)
+    for step in range(steps):
+        Z = prox(W + U, step)
+        U = U + W - Z
+        W = (C + rho * (Z - U)) @ S
+    got_W, got_Z, got_U = admm_iterate(A, C, W0, prox, rho=rho, iters=steps)
+    assert torch.equal(got_W, W) and torch.equal(got_U, U) and torch.equal(got_Z, Z)
+    assert torch.equal(W0, start)  # the caller's start is left alone

@@ -126,8 +126,6 @@ def slurm_run(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm")
     cfg = yaml.safe_load((ROOT / "config" / "micro.yaml").read_text())
     cfg["mlflow"] = {"enabled": False}  # tracking has its own tests; it costs seconds in every job
-    # 400 FISTA steps make reconstruct take a few seconds, long enough to scancel it mid-stage.
-    cfg["reconstruct"]["default"]["steps"] = 400
     # Set through the config, as a user tunes them: 1 CPU per job lets the 2-CPU node run two jobs at once,
     # and the reconstruct entry overrides one key of `default`.
     cfg["resources"] = {"default": {"cpus_per_task": 1, "mem_mb": 1500, "runtime": 30},
@@ -138,7 +136,10 @@ def slurm_run(cluster, tmp_path_factory):
     start = time.monotonic()
     first_log = work / "snakemake_first.log"
     with first_log.open("w") as log:
-        head = subprocess.Popen(_slurm_cmd(work, cfg_path), stdout=log, stderr=subprocess.STDOUT, env=_env())
+        # The micro model's layers take milliseconds: the first run's reconstruct job holds after its first
+        # layer (the stages' test hook, passed on by sbatch), so the scancel lands mid-stage on any machine.
+        head = subprocess.Popen(_slurm_cmd(work, cfg_path), stdout=log, stderr=subprocess.STDOUT,
+                                env={**_env(), "SDS_FAULT_SLEEP": "reconstruct:1:300"})
         try:
             cancelled = _scancel_reconstruct_mid_stage(work, head)
             first_rc = head.wait(timeout=400)

@@ -133,7 +133,7 @@ def test_missing_task_file_fails_the_stage_before_evaluation(tmp_path, capsys):
                f"out={tmp_path / 'e.json'}"])
     err = capsys.readouterr().err
     assert rc == 1 and "winogrande" in err and str(tmp_path / "data" / "winogrande" / "validation.jsonl") in err
-    from sds import stages
+    from sds import eval_stages as stages
 
     with pytest.raises(zeroshot.TaskDataError, match=r"task 'winogrande': data file .*validation.jsonl"):
         stages.evaluate(cfg, model_dir=str(tmp_path / "no-model"), corpus_dir=None, out=str(tmp_path / "e.json"))
@@ -266,7 +266,7 @@ def _magnitude_weights(model, sparsity) -> dict:
 def test_builtin_tasks_discriminate_dense_from_heavily_pruned(trained, monkeypatch):
     """Through the pipeline's own stages: zeroshot_tasks writes the tasks, evaluate scores a checkpoint
     (dense, then 90% magnitude-pruned weights) and logs the results to its JSON and MLflow metrics."""
-    from sds import stages
+    from sds import eval_stages as stages
     from sds.io import read_json, save_tensors
     from sds.model import load_model
 
@@ -277,7 +277,7 @@ def test_builtin_tasks_discriminate_dense_from_heavily_pruned(trained, monkeypat
     stages.zeroshot_tasks(cfg, out=str(trained / "tasks"))
     assert sorted(p.name for p in (trained / "tasks").iterdir() if p.is_dir()) == sorted(CHOICE_TASKS)
     tracked = []
-    monkeypatch.setattr(stages, "_track", lambda config, stage, **kw: tracked.append((stage, kw["metrics"])))
+    monkeypatch.setattr(stages, "track_stage", lambda config, stage, **kw: tracked.append((stage, kw["metrics"])))
     stages.evaluate(cfg, model_dir=str(trained / "model"), corpus_dir=None, out=str(trained / "dense.json"),
                     tasks_dir=str(trained / "tasks"))
     model, _ = load_model(trained / "model")

@@ -14,9 +14,10 @@ import sys
 import warnings
 
 LIST_KEYS = {"evals", "benchmarks", "checkpoints", "parts"}
-STAGES = ("corpus", "build_model", "calibration", "layer_inputs", "activations", "prune1", "prune1_adjust", "reconstruct",
-          "reconstruct_one_layer", "reconstruct_gather", "prune2", "zeroshot_tasks", "evaluate", "report",
-          "export")
+COMPRESSION_STAGES = ("corpus", "build_model", "calibration", "layer_inputs", "activations", "prune1", "prune1_adjust",
+                      "reconstruct", "reconstruct_one_layer", "reconstruct_gather", "prune2")  # in sds.stages
+EVALUATION_STAGES = ("export", "zeroshot_tasks", "evaluate", "report")  # in sds.eval_stages
+STAGES = COMPRESSION_STAGES + EVALUATION_STAGES
 
 
 def _parse_pairs(pairs: list[str]) -> dict:
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "validate":
             print(json.dumps(config, indent=2, sort_keys=True))
             return 0
-        from . import stages
-
-        getattr(stages, args.stage)(config, **_parse_pairs(args.pairs))
+        if args.stage in EVALUATION_STAGES:
+            from . import eval_stages as stage_module
+        else:
+            from . import stages as stage_module
+        getattr(stage_module, args.stage)(config, **_parse_pairs(args.pairs))
         return 0
     except CorruptFileError as exc:
         return _fail(args.stage, _corrupt_file_message(exc, config))

@@ -26,6 +26,13 @@ def fault_injection(what: str, done: int) -> None:
         word, _, n = spec.partition(":")
         if what.startswith(word) and done == int(n or 1):
             os.kill(os.getpid(), signal.SIGKILL)
+    # SDS_FAULT_SLEEP="<stage word>:<n>:<seconds>" holds the stage there instead: a window in which a test
+    # can cancel the job from outside (scancel) whatever the machine's speed.
+    spec = os.environ.get("SDS_FAULT_SLEEP")
+    if spec:
+        word, n, seconds = spec.split(":")
+        if what.startswith(word) and done == int(n):
+            time.sleep(float(seconds))
 
 
 def peak_rss_mib() -> float:

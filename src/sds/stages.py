@@ -1,4 +1,5 @@
-"""The pipeline's stages. Each Snakemake rule calls exactly one function here (through `sds.cli`).
+"""The pipeline's compression stages, corpus to second prune. Each Snakemake rule calls exactly one
+function here or in `eval_stages` (export, evaluation, report) through `sds.cli`.
 
 A stage reads its inputs, hands the work to the layer drivers (`passes`) with the per-linear decisions of
 the method (`method`), writes its outputs atomically (`io`, `checkpoints`) and records itself in MLflow
@@ -13,28 +14,17 @@ from pathlib import Path
 import torch
 
 from . import method as sds_method
-from .checkpoints import CheckpointWriter, checkpoint_sparsity, write_model_folder
-from .config import config_hash, second_prune_settings
+from .checkpoints import CheckpointWriter, write_model_folder
+from .config import second_prune_settings
 from .data import read_calibration
-from .io import TensorReader, atomic_dir, checksum_folder, load_tensors, read_json, write_json
-from .model import LayerwiseModel, apply_weights, load_model
+from .io import TensorReader, atomic_dir, checksum_folder, read_json, write_json
+from .model import LayerwiseModel
 from .modelcard import model_card
 from .patterns import pattern_from_slug
-from .runtime import Progress, provenance, setup
-from .tracking import layer_metrics
+from .runtime import Progress, setup
+from .tracking import layer_metrics, track_stage
 
 log = logging.getLogger("sds")
-
-
-def _track(config, stage, *, started, params=None, metrics=None, artifacts=(), parent_artifacts=(), **extra):
-    """Records the stage as an MLflow child run named `stage` (unique within the pipeline), from `started`
-    (time.time() when the stage began) to now; `extra`: parent_metrics, inputs, model, tags (see tracking)."""
-    from .tracking import record_stage, stage_start
-
-    ended = time.time()
-    record_stage(config, config_hash(config), stage, params=params or {}, metrics=metrics or {},
-                 artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance(),
-                 started=stage_start(started), ended=ended, **extra)
 
 
 def _method_pattern(path) -> tuple[str, str]:
@@ -68,7 +58,7 @@ def corpus(config: dict, out: str) -> None:
                 raise ValueError(f"corpus split {name!r} has only {len(text.split())} words; at least 1000 needed")
             (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
     log.info("corpus: train %d chars, test %d chars", len(splits["train"]), len(splits["test"]))
-    _track(config, "corpus", started=started, params=spec,
+    track_stage(config, "corpus", started=started, params=spec,
            metrics={f"{k}_characters": len(v) for k, v in splits.items()})
 
 
@@ -94,7 +84,7 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
         write_json(tmp / "build.json", info)
     log.info("model built in %.1fs: %d parameters, final train loss %.3f", info["seconds"], info["parameters"],
              info["final_train_loss"])
-    _track(config, "build_model", started=started, params=b,
+    track_stage(config, "build_model", started=started, params=b,
            metrics=[("train_loss", v, (i + 1) * 10) for i, v in enumerate(info["loss_curve"])] +
            [("parameters", info["parameters"], 0), ("seconds", info["seconds"], 0)])
 
@@ -118,7 +108,7 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
     windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
     write_calibration(out, windows)
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
-    _track(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
+    track_stage(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
            inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
                               path=builtin if cal["source"] == "builtin" else None,
                               windows=windows.shape[0], seqlen=windows.shape[1])])
@@ -140,7 +130,7 @@ def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) 
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["model"]["dtype"]})
     log.info("layer inputs: %d × %d tokens", *windows.shape)
-    _track(config, "layer_inputs", started=started, metrics={"layers": len(lm), "windows": windows.shape[0]})
+    track_stage(config, "layer_inputs", started=started, metrics={"layers": len(lm), "windows": windows.shape[0]})
 
 
 def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
@@ -157,7 +147,7 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
         dense_pass(config, lm, windows, tmp)
         write_json(tmp / "manifest.json", {"layers": len(lm), "nsamples": windows.shape[0],
                                            "seqlen": windows.shape[1], "dtype": config["activations"]["dtype"]})
-    _track(config, "activations", started=started, params=config["activations"], metrics={"layers": len(lm)})
+    track_stage(config, "activations", started=started, params=config["activations"], metrics={"layers": len(lm)})
 
 
 # --- 4. first prune and the adjust ablation ---------------------------------------------------------------
@@ -195,7 +185,7 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
                                 stream_out=stream_out, stats_out=tmp / "stats", what=f"prune1 {method} {pat} layer")
         checkpoint.close({"method": method, "pattern": str(pat)})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
-    _track(config, f"prune1/{method}/{pattern}", started=started,
+    track_stage(config, f"prune1/{method}/{pattern}", started=started,
            params={"method": method, "pattern": str(pat), **config["prune"]},
            metrics=layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
@@ -225,7 +215,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
                                 source=first, dense_dir=dense_dir if cross else None, what="prune1+adjust layer")
         checkpoint.close()
     method, pattern = _method_pattern(prune1_dir)
-    _track(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
+    track_stage(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
            metrics=layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern})
 
@@ -263,7 +253,7 @@ def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, 
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": config["reconstruct"][recon]})
     method, pattern = _method_pattern(prune1_dir)
-    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
+    track_stage(config, f"reconstruct/{method}/{pattern}/{recon}", started=started, params=config["reconstruct"][recon],
            metrics=layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
 
@@ -295,7 +285,7 @@ def reconstruct_gather(config: dict, recon: str, out: str, parts: list[str]) -> 
                                          "layer_parallel": True, "parts": len(parts)})
     method, pattern = _method_pattern(Path(out).parent)
     # the gathered run starts with its first layer job
-    _track(config, f"reconstruct/{method}/{pattern}/{recon}", started=min(started, merged["started"] or started),
+    track_stage(config, f"reconstruct/{method}/{pattern}/{recon}", started=min(started, merged["started"] or started),
            params={**config["reconstruct"][recon], "layer_parallel": True},
            metrics=layer_metrics(merged["linears"], "reconstruct"),
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
@@ -338,113 +328,8 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                            trust_remote_code=config["model"]["trust_remote_code"])
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
-    _track(config, f"prune2/{method}/{pattern}/{recon}", started=started,
+    track_stage(config, f"prune2/{method}/{pattern}/{recon}", started=started,
            params={"method": method, "pattern": str(pat), **settings},
            metrics=layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
                                                       ("fallbacks", fallbacks, 0)],
            tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
-
-
-def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: str, pattern: str, out: str) -> None:
-    """A first-prune or prune1+adjust checkpoint as a loadable Hugging Face folder `out`/model with its
-    model card, and its masks beside (`out`/masks.safetensors): the layout of the SDS output, so any row
-    of the report can be shipped."""
-    import shutil
-
-    from .tracking import model_entry, registered_name
-
-    started = time.time()
-    lm = _layerwise_model(config, model_dir, "cpu")
-    weights = TensorReader(Path(checkpoint) / "weights.safetensors", device="cpu")
-    summary = read_json(Path(checkpoint) / "layers.json")
-    sparsity = checkpoint_sparsity(lm, weights)
-    with atomic_dir(out) as tmp:
-        for name in ("masks.safetensors", "layers.json"):
-            shutil.copyfile(Path(checkpoint) / name, tmp / name)
-        checksum_folder(tmp)
-        write_model_folder(lm, model_dir, Path(checkpoint) / "weights.safetensors", tmp / "model",
-                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary),
-                           trust_remote_code=config["model"]["trust_remote_code"])
-    log.info("exported %s %s %s to %s", stage, method, pattern, out)
-    # its perplexity, if this checkpoint's evaluation (results/<run>/eval/<method>/<pattern>/<stage>.json) ran
-    evaluation = Path(out).parents[3] / "eval" / method / pattern / f"{stage}.json"
-    ppl = {f"ppl.{k}": v for k, v in read_json(evaluation)["ppl"].items()} if evaluation.is_file() else {}
-    _track(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
-           tags={"sds_method": method, "sds_pattern": pattern},
-           model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / "model",
-                             {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
-                              "sparsity": sparsity["overall"], **ppl}))
-
-
-# --- 7. evaluation and report ------------------------------------------------------------------------------
-
-def zeroshot_tasks(config: dict, out: str) -> None:
-    """Writes the embedded default's own multiple-choice tasks, generated from the corpus grammar, as
-    <task>/test.jsonl: the local data files that the built-in task YAMLs (sds/tasks/) read."""
-    from .zeroshot import write_builtin_tasks
-
-    n = config["evaluate"]["zeroshot"]["builtin_items"]
-    with atomic_dir(out) as tmp:
-        write_builtin_tasks(tmp, n, config["seed"])  # no MLflow record: n is in each evaluation
-
-
-def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = None, weights: str | None = None,
-             stage: str = "dense", method: str = "", pattern: str = "", recon: str = "",
-             tasks_dir: str | None = None) -> None:
-    """Perplexity on every configured dataset, zero-shot accuracy (lm-eval-harness) and the achieved
-    sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
-    from .evaluate import evaluate_checkpoint, pattern_violations
-    from .tracking import evaluated_model_entry, headline_metrics, text_input
-
-    started = time.time()
-    zs = config["evaluate"]["zeroshot"]
-    zs_files = None
-    if zs["enabled"]:  # every task's data file is checked before the evaluation starts
-        from .tasksets import resolve_tasks, task_files
-
-        zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
-    device = setup(config)
-    model, tokenizer = load_model(model_dir, dtype=config["model"]["dtype"],
-                                  trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
-    if weights:
-        apply_weights(model, load_tensors(weights, device=device))
-    label = "/".join(x for x in (method, pattern, recon, stage) if x)
-    result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
-              "recon": recon}
-    start = time.monotonic()
-    scores, texts = evaluate_checkpoint(model, tokenizer, config, label=label, corpus_dir=corpus_dir,
-                                        zeroshot_files=zs_files)
-    result.update(scores)
-    if pattern:
-        result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
-    result["seconds"] = time.monotonic() - start
-    result["config_hash"], result["provenance"] = config_hash(config), provenance()
-    write_json(out, result)
-    zs_metrics = {}
-    if "zeroshot" in result:
-        from .zeroshot import flat_metrics
-
-        zs_metrics = flat_metrics(result["zeroshot"])
-    headline = headline_metrics(result)
-    sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
-    _track(config, f"evaluate/{label}", started=started, params={"label": label},
-           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
-                    "seconds": result["seconds"], **zs_metrics},
-           parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
-           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
-
-
-def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
-           benchmarks: list[str] = (), checkpoints: list[str] = ()) -> None:
-    from .report import build_report
-    from .tracking import headline_metrics
-
-    started = time.time()
-    setup(config)
-    artifacts = build_report(config, evals, list(benchmarks), Path(out), Path(summary_csv), model_dir, list(checkpoints))
-    results = [read_json(p) for p in evals]
-    numbers = {k: v for r in results for k, v in headline_metrics(r).items()}
-    # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
-    # their numbers to that config's run only
-    _track(config, "report", started=started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
-           metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})

@@ -435,3 +435,16 @@ def sync_pending(run: str) -> tuple[int, int]:
         path.unlink()
         done += 1
     return done, len(records) - done
+
+
+def track_stage(config: dict, stage: str, *, started: float, params=None, metrics=None, artifacts=(),
+                parent_artifacts=(), **extra) -> None:
+    """Records a pipeline stage as an MLflow child run named `stage` (unique within the pipeline), from
+    `started` (time.time() when the stage began) to now; `extra`: parent_metrics, inputs, model, tags."""
+    from .config import config_hash
+    from .runtime import provenance
+
+    ended = time.time()
+    record_stage(config, config_hash(config), stage, params=params or {}, metrics=metrics or {},
+                 artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance(),
+                 started=stage_start(started), ended=ended, **extra)
