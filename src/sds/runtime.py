@@ -26,8 +26,11 @@ def fault_injection(what: str, done: int) -> None:
         word, _, n = spec.partition(":")
         if what.startswith(word) and done == int(n or 1):
             os.kill(os.getpid(), signal.SIGKILL)
-    # SDS_FAULT_SLEEP="<stage word>:<n>:<seconds>" holds the stage there instead: a window in which a test
-    # can cancel the job from outside (scancel) whatever the machine's speed.
+
+
+def fault_pause(what: str, done: int) -> None:
+    """Test hook: SDS_FAULT_SLEEP="<stage word>:<n>:<seconds>" holds the stage after it logged step n: a
+    window in which a test can cancel the job from outside (scancel), whatever the machine's speed."""
     spec = os.environ.get("SDS_FAULT_SLEEP")
     if spec:
         word, n, seconds = spec.split(":")
@@ -91,6 +94,7 @@ class Progress:
         memory = f"peak RSS {peak_rss_mib():.0f} MiB" + (f", peak GPU {gpu:.0f} MiB" if gpu is not None else "")
         log.info("%s %d/%d · elapsed %.1fs · ETA %.1fs · %s%s", self.what, done, total, elapsed, eta, memory,
                  f" · {extra}" if extra else "")
+        fault_pause(self.what, done)
 
 
 def setup(config: dict) -> torch.device:
