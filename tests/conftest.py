@@ -13,17 +13,15 @@ SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
 torch.set_num_threads(2)
 
-# Modules whose tests read the session's micro workflow run (the `micro_run` fixture).
-MICRO_RUN_MODULES = {"test_workflow", "test_device", "test_tracking", "test_reliability"}
-
 
 def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh): a module runs whole on one worker, so
-    its module-scoped runs are built once (and the SLURM cluster is started by one worker only); the modules
-    sharing the micro run share a worker, so it too is built once. Without xdist the marks do nothing."""
+    """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh): the tests that read the session's
+    micro workflow run share a worker, so it is built once; every other test runs on the worker of the rest
+    of its module, so module-scoped runs are built once (and the SLURM cluster is started by one worker
+    only). Without xdist the marks do nothing."""
     for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("micro_run" if module in MICRO_RUN_MODULES else module))
+        uses_micro_run = "micro_run" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("micro_run" if uses_micro_run else item.module.__name__))
 
 
 @pytest.fixture

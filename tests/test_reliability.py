@@ -495,9 +495,12 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
     cfg = work / "micro.yaml"
     started_with = config_hash(validate_config(yaml.safe_load(cfg.read_text())))
     evals = work / "results" / "micro" / "eval"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    # The first run re-runs prune2 and what follows it (evaluate_sds, report); its prune2 holds for 30 s after
+    # its first layer (the stages' test hook), so the second run, the edit and the dry run all happen while
+    # it is going, on any machine, and the jobs after prune2 start after the edit.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "SDS_FAULT_SLEEP": "prune2:1:30"}
     first = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                              "--cores", "1", "--configfile", str(cfg), "--forcerun", "layer_inputs"],
+                              "--cores", "1", "--configfile", str(cfg), "--forcerun", "prune2"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         locks = work / ".snakemake" / "locks"
@@ -516,6 +519,7 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
         edited = yaml.safe_load(cfg.read_text())
         edited["evaluate"]["max_windows"] = 4
         cfg.write_text(yaml.safe_dump(edited))
+        edited_at = time.time()
         # parses the edited config (Snakemake then stops on the files the first run has in progress)
         snakemake(work, "-n", "--configfile", str(cfg), check=False)
         assert first.poll() is None, "the first run was still going during the edit (else this tests nothing)"
@@ -527,6 +531,8 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
     records = [json.loads(p.read_text()) for p in sorted(evals.rglob("*.json"))]
     assert len(records) == 4 and {r["config_hash"] for r in records} == {started_with}
     assert all(r["windows"]["builtin"] == 8 for r in records), "evaluated with the config it started with"
+    assert (evals / "sparsegpt" / "2of4" / "default" / "sds.json").stat().st_mtime > edited_at, \
+        "the SDS evaluation ran after the edit (so it shows the first run kept its config)"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
