@@ -1,5 +1,5 @@
 # SDS (Sparse-Dense-Sparse) pruning pipeline. Run: `snakemake --cores 2` (see README.md).
-# Rules are thin: each runs one stage function of src/sds/stages.py through `python -m sds.cli`.
+# Rules are thin: each runs one stage function of src/sds/stages.py or eval_stages.py through `python -m sds.cli`.
 import json
 import os
 import sys
