@@ -71,12 +71,17 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def stage_env() -> dict:
+    """This checkout's src first, then whatever PYTHONPATH already holds (packages installed with --target)."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "MLFLOW_TRACKING_URI": ""}
+
+
 def stage(config: Path, name: str, out: Path, **kw) -> dict:
     args = [sys.executable, "-c", RUNNER, name, "--config", str(config),
             *[f"{k}={v}" for k, v in kw.items()], f"out={out}"]
     start = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
-                                                                    "MLFLOW_TRACKING_URI": ""})
+    proc = subprocess.run(args, capture_output=True, text=True, env=stage_env())
     seconds = time.monotonic() - start
     (out.parent / f"{out.name}.log").write_text(proc.stderr)  # per-layer progress lines with peak RSS
     if proc.returncode:
