@@ -75,7 +75,9 @@ def parity(work: Path, args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--layers", type=int, help="override the depth (default: OPT-125M's 12)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="opt-125m",
+                    help="the model's shape (smollm2-135m: the LLaMA path with grouped-query attention)")
+    ap.add_argument("--layers", type=int, help="override the depth (default: the shape's, OPT-125M's 12)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--method", default="sparsegpt")
@@ -99,10 +101,10 @@ def main() -> int:
             return 2
         return parity(work, args)
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
-    shape = dict(SHAPES["opt-125m"])
+    shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["layers"] = args.layers
-    print(f"{card}: OPT-125M shape ({shape['layers']} layers), {args.method} {args.pattern}, "
+    print(f"{card}: {args.shape} shape ({shape['layers']} layers), {args.method} {args.pattern}, "
           f"{args.nsamples} × {args.seqlen} calibration tokens, torch {torch.__version__}", flush=True)
     rows = run_pipeline(shape, args.nsamples, args.seqlen, args.method, args.pattern, work, threads=args.threads,
                         overrides={"device": args.device})

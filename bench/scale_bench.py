@@ -27,6 +27,9 @@ sys.path.insert(0, str(ROOT / "src"))
 SHAPES = {
     "opt-125m": dict(arch="opt", layers=12, hidden=768, ffn=3072, heads=12, vocab=50272, positions=2048),
     "llama-7b-slice": dict(arch="llama", layers=2, hidden=4096, ffn=11008, heads=32, vocab=32000, positions=4096),
+    # SmolLM2-135M's LlamaConfig: grouped-query attention (9 query, 3 KV heads), tied embeddings
+    "smollm2-135m": dict(arch="llama", layers=30, hidden=576, ffn=1536, heads=9, kv_heads=3, vocab=49152,
+                         positions=8192, tied=True),
 }
 
 # Peak RSS from VmHWM, not ru_maxrss: ru_maxrss survives execve, so every stage would report at least this
@@ -51,7 +54,8 @@ def make_model(folder: Path, shape: dict, seed: int = 0) -> None:
     else:
         cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                           intermediate_size=shape["ffn"], num_attention_heads=shape["heads"],
-                          max_position_embeddings=shape["positions"])
+                          num_key_value_heads=shape.get("kv_heads", shape["heads"]),
+                          max_position_embeddings=shape["positions"], tie_word_embeddings=shape.get("tied", False))
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(shape["vocab"])}
