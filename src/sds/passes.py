@@ -72,6 +72,34 @@ def dense_pass(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Pat
     stream.close()
 
 
+class OneSaveInFlight:
+    """Writes files on a background thread, one at a time: `submit` first waits for the previous write (a
+    failed write is raised there, a layer later at most); leaving the block waits for the last one."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sds-save")
+        self._pending = None
+
+    def submit(self, fn: Callable, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "OneSaveInFlight":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def sequential_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int, inputs_dir, update: Update,
                     work_dir: Path, checkpoint: CheckpointWriter, *, source=None, dense_dir=None,
                     stream_out: Path | None = None, stats_out: Path | None = None, what: str = "layer") -> dict:
@@ -80,62 +108,45 @@ def sequential_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int
 
     With `source` (full weight name → tensor, e.g. a TensorReader), each layer starts from those weights
     instead of the dense ones (the dense weights stay the target). With `dense_dir` (the dense activation
-    cache), statistics pair the stream with the dense model's own hidden states (the 'dense_stream' target). `stream_out` gets each layer's input as a cache;
-    `stats_out` each layer's input statistics (what reconstruction fits on). Returns the per-linear infos."""
+    cache), statistics pair the stream with the dense model's own hidden states (the 'dense_stream' target).
+    `stream_out` gets each layer's input as a cache; `stats_out` each layer's input statistics (what
+    reconstruction fits on), saved while the layer is updated and propagated. Returns the per-linear infos."""
     batch = batch_size(config, lm, nsamples, seqlen)
     kwargs = lm.kwargs(seqlen)
     rows = config["activations"]["row_group_size"]
     stream = WorkStream(work_dir, cache_file(inputs_dir, 0), dtype=lm.dtype, device=lm.device, batch_size=batch,
                         row_group_size=rows)
     progress = Progress(what, len(lm), lm.device)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sds-stats") as stats_writes:
-        stats_written = None
+    with OneSaveInFlight() as stats_saves:
         for i in range(len(lm)):
-            stats_written, infos = _sequential_layer(config, lm, i, update, stream, checkpoint, kwargs, batch, source,
-                                                     dense_dir, stream_out, stats_out, stats_writes, stats_written)
+            layer = lm.layer(i)
+            names = lm.linear_names(i)
+            linears = find_linears(layer)
+            dense_weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+            dense_layer = clone_layer(layer) if dense_dir is not None else None
+            if source is not None:
+                with torch.no_grad():
+                    for n, full in names.items():
+                        linears[n].weight.copy_(source[full].to(lm.device, linears[n].weight.dtype))
+            targets = read_batches(cache_file(dense_dir, i), dtype=lm.dtype, device=lm.device,
+                                   batch_size=batch) if dense_dir is not None else None
+            with cache_writer(config["activations"], cache_file(stream_out, i)) if stream_out else \
+                    contextlib.nullcontext() as cache:
+                acc = collect_stats(layer, tee(stream, cache), kwargs, target_layer=dense_layer, target_stream=targets,
+                                    layer_name=f"layer {i}")
+            if stats_out is not None:
+                stats_saves.wait()  # the previous layer's tensors are written out before this layer's are made
+                stats_saves.submit(save_tensors, Path(stats_out) / f"layer_{i:03d}.safetensors", *acc.to_tensors())
+            infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
+            acc = dense_layer = dense_weights = None  # freed before the propagation pass
+            stream.advance(propagate(layer, stream, kwargs, layer_name=f"layer {i}"), i + 1)
+            checkpoint.add(i, infos)
+            lm.release(i)
+            release_memory(lm.device)
             errors = [v["rel_error"] for v in infos.values() if "rel_error" in v]
             progress(i + 1, extra=f"mean rel. error {sum(errors) / max(len(errors), 1):.4f}")
-        if stats_written is not None:
-            stats_written.result()
     stream.close()
     return checkpoint.infos
-
-
-def _sequential_layer(config, lm, i, update, stream, checkpoint, kwargs, batch, source, dense_dir, stream_out,
-                      stats_out, stats_writes, stats_written):
-    """One decoder layer of `sequential_pass`. Its statistics are saved on a background thread while the
-    layer is updated and propagated; the previous layer's save is waited for first, so at most one is in
-    flight and a failed write is raised here, a layer later at most. Returns (the save's future, the
-    per-linear infos)."""
-    cross = dense_dir is not None
-    layer = lm.layer(i)
-    names = lm.linear_names(i)
-    linears = find_linears(layer)
-    dense_weights = {n: m.weight.detach().clone() for n, m in linears.items()}
-    dense_layer = clone_layer(layer) if cross else None
-    if source is not None:
-        with torch.no_grad():
-            for n, full in names.items():
-                linears[n].weight.copy_(source[full].to(lm.device, linears[n].weight.dtype))
-    targets = read_batches(cache_file(dense_dir, i), dtype=lm.dtype, device=lm.device,
-                           batch_size=batch) if cross else None
-    with cache_writer(config["activations"], cache_file(stream_out, i)) if stream_out else \
-            contextlib.nullcontext() as cache:
-        acc = collect_stats(layer, tee(stream, cache), kwargs, target_layer=dense_layer, target_stream=targets,
-                            layer_name=f"layer {i}")
-    if stats_out is not None:
-        if stats_written is not None:
-            stats_written.result()
-        tensors, meta = acc.to_tensors()
-        stats_written = stats_writes.submit(save_tensors, Path(stats_out) / f"layer_{i:03d}.safetensors",
-                                            tensors, meta)
-    layer_infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
-    acc = dense_layer = dense_weights = None  # freed before the propagation pass
-    stream.advance(propagate(layer, stream, kwargs, layer_name=f"layer {i}"), i + 1)
-    checkpoint.add(i, layer_infos)
-    lm.release(i)
-    release_memory(lm.device)
-    return stats_written, layer_infos
 
 
 def layer_statistics(lm: LayerwiseModel, i: int, settings: dict, *, dense_dir, prune1_dir, kwargs,
