@@ -14,14 +14,15 @@ SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 torch.set_num_threads(2)
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh): the tests that read the session's
     micro workflow run share a worker, so it is built once; every other test runs on the worker of the rest
     of its module, so module-scoped runs are built once (and the SLURM cluster is started by one worker
-    only). Without xdist the marks do nothing."""
-    for item in items:
-        uses_micro_run = "micro_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("micro_run" if uses_micro_run else item.module.__name__))
+    only). Without xdist the marks do nothing. Marked as each test is collected, before any
+    `pytest_collection_modifyitems` (where xdist turns them into node-id suffixes); `built_once` fails a
+    run where the grouping silently stops working."""
+    uses_micro_run = "micro_run" in getattr(item, "fixturenames", ())
+    item.add_marker(pytest.mark.xdist_group("micro_run" if uses_micro_run else item.module.__name__))
 
 
 @pytest.fixture
@@ -95,9 +96,30 @@ def mlflow_server(tmp_path_factory):
     stop(state)
 
 
+def built_once(tmp_path_factory, what: str) -> None:
+    """Fails when a second pytest-xdist worker of this run builds `what`: every user of a shared run must be
+    on one worker (see pytest_itemcollected), or the run is built twice, silently (pytest 9.2 with
+    pytest-xdist 3.8.0 dropped the groups: pytest-xdist#1386)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    claim = tmp_path_factory.getbasetemp().parent / f"built-{what}"  # the run's base folder, shared by workers
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        owner = claim.read_text() or "another worker"
+        if owner != worker:
+            pytest.fail(f"{what} is built by both {owner} and {worker}: the tests using it were not grouped on "
+                        f"one worker (pytest-xdist --dist loadgroup; see tests/conftest.py)")
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(worker)
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory, mlflow_server):
     """The micro workflow, logging over HTTP to the real MLflow server."""
+    built_once(tmp_path_factory, "micro_run")
     work = tmp_path_factory.mktemp("micro")
     cfg = work / "micro.yaml"
     cfg.write_text((ROOT / "config" / "micro.yaml").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, planned_jobs, snakemake
+from conftest import ROOT, built_once, planned_jobs, snakemake
 
 # What each family is run with: every (method, pattern) must come out with exactly the configured sparsity.
 RUNS = {
@@ -22,6 +22,7 @@ RUNS = {
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """OPT and LLaMA checkpoints trained on the generated corpus, and that corpus as two text files."""
+    built_once(tmp_path_factory, "test_external.checkpoints")
     from sds.corpus import builtin_splits
     from sds.modelbuild import build_model
 
