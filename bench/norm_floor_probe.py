@@ -1,0 +1,82 @@
+"""Probe for a proposed change (not in the pipeline): how large ADMM pruning makes weights on input channels
+that are nearly dead in the calibration data, and whether a floor on the input norms removes that growth
+without costing error, on REAL statistics of SmolLM2-135M (captured as in bench/solver_bench.py).
+
+    .venv/bin/python bench/norm_floor_probe.py [--layers 21 24] [--stats-cache /tmp/wg/stats.safetensors]
+
+ADMM pruning works in the input-norm-scaled space, W' = W·diag(d), d_j = √H_jj (admm.py); a channel with
+H_jj = 0 gets d_j = 1, but one with H_jj just above 0 (SmolLM2 has RMSNorm channels with d ≈ 1e-4, the
+median is ≈ 0.14) gets its weights divided by d_j on the way back, so a moderate scaled-space value becomes a
+weight tens of times the dense layer's largest. The probe prunes each linear at 2:4 with `admm_prune` as is
+and with d floored at c × median(d) (c = 0.1, 0.3; patched in for this run only) and prints the relative
+output error on the calibration statistics and on held-out ones (disjoint windows), max|W|/max|W_dense| and
+‖W‖/‖W_dense‖.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import solver_bench  # noqa: E402
+from sds import admm  # noqa: E402
+from sds.patterns import parse_pattern  # noqa: E402
+from sds.reconstruct import LinearStats, relative_error  # noqa: E402
+
+
+def floored_input_norms(c: float):
+    as_is = admm._input_norms
+
+    def input_norms(H: torch.Tensor):
+        d, dead = as_is(H)
+        live = d[~dead]
+        floor = float(c * live.median()) if live.numel() else 0.0
+        return torch.where(dead, d, d.clamp_min(floor)), dead
+    return input_norms
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
+    ap.add_argument("--text", default=str(ROOT.parent / "shared" / "assets" / "wikitext-2-v1" / "valid.txt"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[21, 24])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stats-cache")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    capture = types.SimpleNamespace(model=args.model, text=args.text, layers=args.layers, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=0, stats_cache=args.stats_cache)
+    weights, calib, held = solver_bench.load_or_capture(capture)
+    pattern = parse_pattern(args.pattern)
+    as_is = admm._input_norms
+    variants = [("as is", as_is), ("floor 0.1 med", floored_input_norms(0.1)), ("floor 0.3 med", floored_input_norms(0.3))]
+    print(f"ADMM pruning at {args.pattern}, {args.nsamples} × {args.seqlen} tokens; errors relative to the dense output")
+    for key in sorted(weights):
+        Wd = weights[key]
+        d = torch.diagonal(calib[key]).clamp_min(0).sqrt()
+        print(f"{key}: d min {float(d.min()):.2e}, median {float(d.median()):.2e}, max {float(d.max()):.2e}")
+        for label, norms in variants:
+            admm._input_norms = norms
+            try:
+                W, _ = admm.admm_prune(Wd, calib[key], pattern)
+            finally:
+                admm._input_norms = as_is
+            cal = relative_error(W, Wd, LinearStats(calib[key], calib[key], calib[key]))
+            out = relative_error(W, Wd, LinearStats(held[key], held[key], held[key]))
+            print(f"  {label:14s} calib {cal:.5f}  held-out {out:.5f}  max|W|/max|Wd| {float(W.abs().max() / Wd.abs().max()):7.2f}"
+                  f"  ‖W‖/‖Wd‖ {float(W.norm() / Wd.norm()):.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
