@@ -410,3 +410,25 @@ def test_work_stream_gives_the_same_batches_held_spilled_or_on_disk(tmp_path, me
     assert torch.equal(torch.cat(list(stream)), torch.cat(expected))
     stream.close()
     assert not (tmp_path / "work").exists() and first.exists()
+
+
+def test_one_save_in_flight_raises_a_failed_write_at_the_next_save_or_when_the_block_ends():
+    """The sequential passes save each layer's statistics in the background; a failed write must stop the
+    stage (a layer later at most), never pass silently."""
+    from sds.passes import OneSaveInFlight
+
+    written = []
+
+    def full_disk(*_):
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with OneSaveInFlight() as saves:
+            saves.submit(full_disk)
+            saves.submit(written.append, "layer 1")  # the failure surfaces here, before the next write
+    assert written == []
+    with pytest.raises(OSError, match="No space left"):
+        with OneSaveInFlight() as saves:
+            saves.submit(written.append, "layer 0")
+            saves.submit(full_disk)  # the last write: its failure surfaces when the block ends
+    assert written == ["layer 0"]
