@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -44,19 +43,11 @@ def floored_input_norms(c: float):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
-    ap.add_argument("--text", default=str(ROOT.parent / "shared" / "assets" / "wikitext-2-v1" / "valid.txt"))
-    ap.add_argument("--layers", type=int, nargs="+", default=[21, 24])
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    solver_bench.add_capture_arguments(ap, layers=[21, 24], threads=2)
     ap.add_argument("--pattern", default="2:4")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stats-cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    capture = types.SimpleNamespace(model=args.model, text=args.text, layers=args.layers, nsamples=args.nsamples,
-                                    seqlen=args.seqlen, seed=0, stats_cache=args.stats_cache)
-    weights, calib, held = solver_bench.load_or_capture(capture)
+    weights, calib, held = solver_bench.load_or_capture(args)
     pattern = parse_pattern(args.pattern)
     as_is = admm._input_norms
     variants = [("as is", as_is), ("floor 0.1 med", floored_input_norms(0.1)), ("floor 0.3 med", floored_input_norms(0.3))]

@@ -398,16 +398,21 @@ def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
                 ["W shape", "exact s", "admm-20 s", "speed-up", "exact rel. error", "admm-20 rel. error"], rows)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_capture_arguments(parser: argparse.ArgumentParser, layers: list[int], threads: int) -> None:
+    """The statistics-capture options `load_or_capture` reads (shared with bench/norm_floor_probe.py)."""
     parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "assets" / "wikitext-2-v1" / "valid.txt"))
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 15])
+    parser.add_argument("--layers", type=int, nargs="+", default=layers)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--stats-cache", default=None, help="safetensors file to keep captured statistics in")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_capture_arguments(parser, layers=[2, 15], threads=1)
     parser.add_argument("--reference-sparsegpt", default=None, help="checkout of IST-DASLab/sparsegpt")
     parser.add_argument("--reference-admm", default=None, help="checkout of fmfi-compbio/admm-pruning")
     parser.add_argument("--patterns", nargs="+", default=["2:4", "unstructured:0.5"])
