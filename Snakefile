@@ -1,162 +1,12 @@
 # SDS (Sparse-Dense-Sparse) pruning pipeline. Run: `snakemake --cores 2` (see README.md).
-# Rules are thin: each runs one stage function of src/sds/stages.py or eval_stages.py through `python -m sds.cli`.
-import json
-import os
-import sys
-from pathlib import Path
-
-from snakemake.utils import min_version, validate
+# Rules are thin: each runs one stage function of src/sds/stages/ through `python -m sds.cli`; what they
+# share (config, layout, params, resources) is in workflow/rules/common.smk.
+from snakemake.utils import min_version
 
 min_version("9.0")
 
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-from sds.config import ConfigError, config_hash, second_prune_settings, validate_config  # noqa: E402
-from sds.patterns import parse_pattern  # noqa: E402
 
-
-# Without --configfile the default config applies (with any --config overrides on top). A config given
-# with --configfile stands alone: it is not merged with the default, so e.g. its `reconstruct` settings
-# or `evaluate.datasets` are exactly the ones it names.
-if not workflow.overwrite_configfiles:
-    import yaml
-    from snakemake.utils import update_config
-
-    _default = yaml.safe_load((Path(workflow.basedir) / "config" / "config.yaml").read_text())
-    update_config(_default, dict(config))
-    config.clear()
-    config.update(_default)
-
-
-try:
-    RESOLVED = validate_config(config)
-except ConfigError as exc:
-    sys.stderr.write(f"sds: invalid configuration: {exc}\n")
-    sys.exit(1)
-validate(config, "config/schema.yaml")  # the same schema through Snakemake (also fills its defaults)
-
-RUN = RESOLVED["run"]
-R = f"results/{RUN}"
-BUILTIN = RESOLVED["model"]["source"] == "builtin"
-METHODS = RESOLVED["prune"]["methods"]
-PATTERNS = [parse_pattern(p).slug for p in RESOLVED["prune"]["patterns"]]
-RECONS = list(RESOLVED["reconstruct"])
-# prune1 caches its pruned stream (one Parquet file per layer) only for settings that re-run layers on it
-PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" for r in RESOLVED["reconstruct"].values())
-# Layer 0's input, where every sequential pass starts; the dense model's input to every layer is cached
-# (one forward pass of the calibration set) only for the settings that read it.
-INPUTS = f"{R}/activations/input"
-DENSE = f"{R}/activations/dense"
-ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
-
-
-def _dense_phase(recon):
-    return json.dumps({k: v for k, v in RESOLVED["reconstruct"][recon].items() if k != "prune2"}, sort_keys=True)
-
-
-# SDS settings that differ only in their second prune share one dense reconstruction: each setting's
-# reconstruct output is the first setting's with the same dense-phase keys.
-RECON_SOURCE = {r: next(q for q in RECONS if _dense_phase(q) == _dense_phase(r)) for r in RECONS}
-
-
-def recon_needs_dense(recon):
-    settings = RESOLVED["reconstruct"][recon]
-    return settings["inputs"] == "dense" or settings["target"] == "dense_stream"
-
-PY = sys.executable
-
-# The model every stage reads, and the files of it that are rule inputs: the built-in model is the
-# build_model rule's output folder; an external one (a local folder, or a Hugging Face id resolved to its
-# snapshot in the local cache) is the list of files a stage reads (weights, config, tokenizer), so
-# replacing its weights re-runs everything downstream and nothing else.
-if BUILTIN:
-    MODEL = f"{R}/model"
-    MODEL_INPUT = MODEL
-else:
-    from sds.architectures import model_files  # noqa: E402
-    from sds.config import model_folder  # noqa: E402
-
-    MODEL = str(model_folder(RESOLVED))
-    MODEL_INPUT = model_files(MODEL)
-
-
-def text_input(source):
-    """A text source as a rule input: a local file is one (editing it re-runs its readers); 'builtin' and
-    hf: datasets are not files here."""
-    return [] if source == "builtin" or source.startswith("hf:") else [source]
-
-
-CALIBRATION_TEXT = text_input(RESOLVED["calibration"]["source"])
-EVAL_TEXTS = [f for source in RESOLVED["evaluate"]["datasets"].values() for f in text_input(source)]
-
-# The resolved config every stage reads, under a name given by its content, written when a run starts
-# (`onstart` runs neither on a dry run nor when nothing is to be done, so `snakemake -n` writes nothing).
-# It is not a rule input: a change re-runs only the rules whose `params` (their own slice of the config)
-# changed. A run keeps reading the file it started with, even if the config is edited meanwhile.
-_resolved_text = json.dumps(RESOLVED, indent=2, sort_keys=True) + "\n"
-CONFIG_JSON = f"{R}/config/{config_hash(RESOLVED)}.json"
-
-
-onstart:
-    if not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text:
-        os.makedirs(os.path.dirname(CONFIG_JSON), exist_ok=True)
-        with open(CONFIG_JSON + ".tmp", "w") as _fh:
-            _fh.write(_resolved_text)
-        os.replace(CONFIG_JSON + ".tmp", CONFIG_JSON)
-
-
-STAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} {PY} -m sds.cli"
-THREADS = RESOLVED["threads"]
-
-
-def slice_of(*keys):
-    """The config values a rule depends on, as its params (Snakemake re-runs a rule when they change)."""
-    out = {}
-    for key in keys:
-        node = RESOLVED
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return json.dumps(out, sort_keys=True)
-
-
-def rule_resources(rule_name):
-    """Cluster resources of a heavy rule from config `resources`: its own entry over `default`, key by key.
-    Unset keys (and gpu 0) are left out, so the profile's default-resources and the rule's threads (as
-    --cpus-per-task) apply. Used as `resources: **rule_resources("name")`; see docs/cluster.md."""
-    merged = {**RESOLVED["resources"]["default"], **RESOLVED["resources"].get(rule_name, {})}
-    if not merged.get("gpu"):
-        merged.pop("gpu", None)
-        merged.pop("gpu_model", None)
-    return {key: value for key, value in merged.items() if value is not None}
-
-
-# Cheap rules run inside the Snakemake process even with --executor slurm (a batch job would cost more
-# in queueing than the work itself); every other rule is submitted as a job.
-localrules: all, corpus, calibration, report, export
-
-
-PRUNER_KEYS = {"sparsegpt": ("prune.blocksize", "prune.percdamp"),
-               "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp")}
-
-
-def pruner_slice(*keys):
-    """`params` for rules that run a pruner: a pruner's own settings (SparseGPT's blocksize and percdamp,
-    ADMM's steps and dampening) only where that pruner runs, so tuning them never re-runs the others."""
-    def deps(wildcards):
-        extra = PRUNER_KEYS.get(wildcards.method, ())
-        if getattr(wildcards, "recon", None) and second_prune_settings(RESOLVED, wildcards.recon)["selection"] == "gradual":
-            extra = tuple(dict.fromkeys(extra + PRUNER_KEYS["admm"]))  # the gradual second prune is ADMM's
-        return slice_of(*keys, *extra)
-    return deps
-
-
-wildcard_constraints:
-    method="magnitude|wanda|sparsegpt|admm",
-    pattern=r"\d+of\d+|unstructured[0-9p]+",
-    recon=r"[A-Za-z0-9_.-]+",
-
-
+include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/activations.smk"
@@ -168,7 +18,12 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/export.smk"
 
 
+# Cheap rules run inside the Snakemake process even with --executor slurm (a batch job would cost more
+# in queueing than the work itself); every other rule is submitted as a job.
+localrules: all, corpus, calibration, report, export
+
+
 rule all:
     input:
-        f"{R}/report/report.md",
+        L.report_md,
     default_target: True

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from sds.io import ParquetTensorWriter, iter_parquet_tensors  # noqa: E402
+from sds.storage.parquet import ParquetTensorWriter, iter_parquet_tensors  # noqa: E402
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -90,7 +90,7 @@ def write_earlier_layout(path: Path, rows, dtype, row_group: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sds.io import _write_checksum
+    from sds.storage.checksums import write_checksum
 
     meta = {b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": str(dtype).encode()}
     schema = pa.schema([("hidden", pa.large_binary())], metadata=meta)
@@ -100,7 +100,7 @@ def write_earlier_layout(path: Path, rows, dtype, row_group: int) -> None:
             values = [r.to(dtype).view(torch.uint8).numpy().tobytes() for r in rows[i:i + row_group]]
             writer.write_table(pa.table({"hidden": pa.array(values, type=pa.large_binary())}, schema=schema),
                                row_group_size=row_group)
-    _write_checksum(path)
+    write_checksum(path)
 
 
 def measure(path: Path, rows, dtype, compression, row_group, layout="fixed") -> dict:
@@ -163,15 +163,16 @@ def rates(args) -> int:
 
 # --- cache-I/O share of each stage -------------------------------------------------------------------------
 
-# Runs one stage through the CLI with the cache I/O of sds.io and sds.streams wrapped in timers (this
-# process only). Stages read their streams on a background thread (sds.streams.read_batches prefetches), so
+# Runs one stage through the CLI with the cache I/O of sds.storage and sds.model.streams wrapped in timers (this
+# process only). Stages read their streams on a background thread (sds.model.streams.read_batches prefetches), so
 # reading is timed twice: in the reading thread ("read s", overlapped with compute) and as the time the
 # stage waits for the next batch ("wait s", on its critical path). Writes happen on the stage's thread.
 RUNNER = r"""
 import json, sys, time
-import sds.io as io
-import sds.passes as passes
-import sds.streams as streams
+import sds.storage.checksums as checksums
+import sds.storage.parquet as parquet
+import sds.model.passes as passes
+import sds.model.streams as streams
 acc = {"read_s": 0.0, "read_bytes": 0, "wait_s": 0.0, "write_s": 0.0, "write_bytes": 0, "hash_cpu_s": 0.0}
 def timed(generator, key, count=None):
     while True:
@@ -188,7 +189,7 @@ def timed(generator, key, count=None):
 read, batches = streams.iter_parquet_tensors, streams.read_batches
 streams.iter_parquet_tensors = lambda *a, **k: timed(read(*a, **k), "read_s", "read_bytes")
 streams.read_batches = passes.read_batches = lambda *a, **k: timed(batches(*a, **k), "wait_s")
-append, close = io.ParquetTensorWriter.append, io.ParquetTensorWriter.close
+append, close = parquet.ParquetTensorWriter.append, parquet.ParquetTensorWriter.close
 def timed_append(self, tensor):
     start = time.perf_counter()
     append(self, tensor)
@@ -198,13 +199,13 @@ def timed_close(self):
     start = time.perf_counter()
     close(self)
     acc["write_s"] += time.perf_counter() - start
-io.ParquetTensorWriter.append, io.ParquetTensorWriter.close = timed_append, timed_close
-digest = io._BackgroundChecksum._run
+parquet.ParquetTensorWriter.append, parquet.ParquetTensorWriter.close = timed_append, timed_close
+digest = checksums.BackgroundChecksum._run
 def timed_digest(self):
     start = time.thread_time()
     digest(self)
     acc["hash_cpu_s"] += time.thread_time() - start
-io._BackgroundChecksum._run = timed_digest
+checksums.BackgroundChecksum._run = timed_digest
 from sds.cli import main
 start = time.perf_counter()
 rc = main(sys.argv[1:])
@@ -243,7 +244,7 @@ def run_stage(config: Path, name: str, out: Path, **kw) -> dict:
 def stage_share(args) -> int:
     from scale_bench import SHAPES, make_model, make_text
 
-    from sds.config import validate_config
+    from sds.core.config import validate_config
 
     shape = dict(SHAPES["opt-125m"], layers=args.layers)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sds-cache-share-"))

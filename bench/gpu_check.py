@@ -8,7 +8,7 @@ one-shot run (calibration + layer inputs + prune1: the same stages a SparseGPT-o
     .venv/bin/python bench/gpu_check.py --device cpu --layers 1 --nsamples 4 --seqlen 256   # smoke test, no GPU
     .venv/bin/python bench/gpu_check.py --parity             # CPU against CUDA, CUDA against itself (2 layers, 16 × 512)
 
-Every solve runs in float32 with TF32 off (sds.runtime.setup), so GPU numbers match the CPU's up to
+Every solve runs in float32 with TF32 off (sds.core.runtime.setup), so GPU numbers match the CPU's up to
 summation order.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def parity(work: Path, args) -> int:
     the per-linear relative output error."""
     import torch
     from safetensors.torch import load_file
-    from sds.pruners import parse_pattern
+    from sds.core.patterns import parse_pattern
 
     shape = dict(SHAPES["opt-125m"], layers=args.parity_layers)
     slug = parse_pattern(args.pattern).slug

@@ -30,7 +30,7 @@ def snakemake(workdir: Path, *args: str) -> float:
 
 
 def main() -> int:
-    from sds.io import load_tensors
+    from sds.storage.safetensors import load_tensors
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir")

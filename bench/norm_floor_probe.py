@@ -25,10 +25,16 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import solver_bench  # noqa: E402
-from sds import admm  # noqa: E402
-from sds.patterns import parse_pattern  # noqa: E402
-from sds.reconstruct import LinearStats, relative_error  # noqa: E402
+from sds.algorithms import admm  # noqa: E402
+from sds.core.config import defaults  # noqa: E402
+from sds.core.patterns import parse_pattern  # noqa: E402
+from sds.algorithms.objective import LinearStats, relative_error  # noqa: E402
 
+
+
+_PRUNE = defaults()["prune"]
+ADMM_PRUNER = {"iters": _PRUNE["admm_iters"], "gradual_iters": _PRUNE["admm_gradual_iters"],
+               "percdamp": _PRUNE["admm_percdamp"]}  # the pipeline's ADMM pruner settings
 
 def floored_input_norms(c: float):
     as_is = admm._input_norms
@@ -59,7 +65,7 @@ def main() -> int:
         for label, norms in variants:
             admm._input_norms = norms
             try:
-                W, _ = admm.admm_prune(Wd, calib[key], pattern)
+                W, _ = admm.admm_prune(Wd, calib[key], pattern, **ADMM_PRUNER)
             finally:
                 admm._input_norms = as_is
             cal = relative_error(W, Wd, LinearStats(calib[key], calib[key], calib[key]))

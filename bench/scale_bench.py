@@ -34,7 +34,7 @@ SHAPES = {
 
 # Peak RSS from VmHWM, not ru_maxrss: ru_maxrss survives execve, so every stage would report at least this
 # benchmark process's own peak (which holds a whole model after make_model).
-RUNNER = ("import sys, torch; from sds.cli import main; from sds.runtime import peak_rss_mib; rc = main(sys.argv[1:]); "
+RUNNER = ("import sys, torch; from sds.cli import main; from sds.core.runtime import peak_rss_mib; rc = main(sys.argv[1:]); "
           "print('PEAK_RSS_KB', int(peak_rss_mib() * 1024), file=sys.stderr); "
           "print('PEAK_GPU_MB', torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else -1, "
           "file=sys.stderr); sys.exit(rc)")
@@ -104,7 +104,7 @@ def stage(config: Path, name: str, out: Path, **kw) -> dict:
 def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: str, work: Path,
                  sds: bool = True, overrides: dict | None = None, dense_cache: bool = False,
                  threads: int = 2) -> list[dict]:
-    from sds.config import validate_config
+    from sds.core.config import validate_config
 
     work.mkdir(parents=True, exist_ok=True)
     model, text = work / "model", work / "calib.txt"
@@ -118,7 +118,7 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
                            **(overrides or {})})
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg))
-    from sds.pruners import parse_pattern
+    from sds.core.patterns import parse_pattern
 
     slug = parse_pattern(pattern).slug
     rows = [stage(cfg_path, "calibration", work / "calibration.parquet", model_dir=model)]

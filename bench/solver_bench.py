@@ -31,17 +31,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sds.reconstruct import LinearStats, relative_error  # noqa: E402
+from sds.algorithms.objective import LinearStats, relative_error  # noqa: E402
+from sds.core.config import defaults  # noqa: E402
+
+_D = defaults()
+PRUNE, PRUNE2, RECON = _D["prune"], _D["prune2"], _D["reconstruct"]["default"]  # the pipeline's settings
 
 
 # --- statistics capture --------------------------------------------------------------------------------------
+
 
 def capture_stats(model_dir: str, text_path: str, layers: list[int], nsamples: int, seqlen: int,
                   seed: int) -> tuple[dict, dict, dict]:
     """(dense weights, calibration H, held-out H) per linear 'layer.name' of the given decoder layers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sds.data import read_text_source, sample_windows, tokenize
+    from sds.data.texts import read_text_source, tokenize
+    from sds.data.windows import sample_windows
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -187,12 +193,13 @@ def _short(name: str) -> str:
 
 
 def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm):
-    from sds.pruners import parse_pattern, prune
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
 
-    methods = {"sparsegpt": lambda W, H, p: prune("sparsegpt", W, p, hessian=H)[0],
-               "wanda": lambda W, H, p: prune("wanda", W, p, hessian=H)[0],
-               "magnitude": lambda W, H, p: prune("magnitude", W, p, hessian=H)[0],
-               "admm": lambda W, H, p: prune("admm", W, p, hessian=H)[0]}
+    methods = {"sparsegpt": lambda W, H, p: prune("sparsegpt", W, p, PRUNE, hessian=H)[0],
+               "wanda": lambda W, H, p: prune("wanda", W, p, PRUNE, hessian=H)[0],
+               "magnitude": lambda W, H, p: prune("magnitude", W, p, PRUNE, hessian=H)[0],
+               "admm": lambda W, H, p: prune("admm", W, p, PRUNE, hessian=H)[0]}
     if ref_sparsegpt:
         methods["ref-sparsegpt"] = ref_sparsegpt
     if ref_admm:
@@ -224,9 +231,11 @@ def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm):
 
 
 def dense_tables(weights, calib, held, iters_list, long_fista: bool):
-    from sds.admm import dense_admm
-    from sds.pruners import parse_pattern, prune
-    from sds.reconstruct import dense_objective, fista
+    from sds.algorithms.admm import dense_admm
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
+    from sds.algorithms.objective import dense_objective
+    from sds.algorithms.fista import fista
 
     l1, pruned_weight = 0.01, 3.0  # the pipeline's defaults (reconstruct.<name>.l1, l1_pruned_weight)
     header = ["linear", "start", "FISTA-200 objective / s"] + [f"ADMM-{k} (÷FISTA-200) / s" for k in iters_list]
@@ -237,14 +246,14 @@ def dense_tables(weights, calib, held, iters_list, long_fista: bool):
     for name, W in weights.items():
         H = calib[name]
         stats = LinearStats(H, H, H)
-        start, mask = prune("sparsegpt", W, parse_pattern("2:4"), hessian=H)
+        start, mask = prune("sparsegpt", W, parse_pattern("2:4"), PRUNE, hessian=H)
         kw = dict(l1=l1, l2=0.0, l1_weights=torch.where(mask, 1.0, pruned_weight))
         ref, seconds = timed(fista, start, W, stats, steps=200, **kw)
         f200 = dense_objective(ref, W, stats, **kw)
         total["fista"] += seconds
         row = [_short(name), f"{dense_objective(start, W, stats, **kw):.4g}", f"{f200:.4g} / {seconds:.2f}"]
         for k in iters_list:
-            out, s = timed(dense_admm, start, W, stats, iters=k, **kw)
+            out, s = timed(dense_admm, start, W, stats, iters=k, rho=RECON["rho"], **kw)
             ratio = dense_objective(out, W, stats, **kw) / f200
             ratios[k].append(ratio)
             total[k] += s
@@ -264,9 +273,10 @@ def dense_tables(weights, calib, held, iters_list, long_fista: bool):
 
 
 def adjust_tables(weights, calib, held, patterns, iters):
-    from sds.admm import masked_admm
-    from sds.pruners import parse_pattern, prune
-    from sds.reconstruct import masked_least_squares
+    from sds.algorithms.admm import masked_admm
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
+    from sds.algorithms.least_squares import masked_least_squares
 
     for text in patterns:
         pattern = parse_pattern(text)
@@ -274,12 +284,13 @@ def adjust_tables(weights, calib, held, patterns, iters):
         for name, W in weights.items():
             H, Hh = calib[name], held[name]
             stats, held_stats = LinearStats(H, H, H), LinearStats(Hh, Hh, Hh)
-            pruned, mask = prune("sparsegpt", W, pattern, hessian=H)
+            pruned, mask = prune("sparsegpt", W, pattern, PRUNE, hessian=H)
             runs = {"pruned": (pruned, 0.0),
                     "exact": timed(masked_least_squares, W, stats, mask, percdamp=0.01),
                     f"admm-{iters} (same objective)": timed(masked_admm, W, stats, mask, pruned, iters=iters,
                                                            percdamp=0.01, ridge_to="zero"),
-                    f"admm-{iters} (default)": timed(masked_admm, W, stats, mask, pruned, iters=iters)}
+                    f"admm-{iters} (default)": timed(masked_admm, W, stats, mask, pruned, iters=iters,
+                                                           percdamp=PRUNE2["admm_percdamp"])}
             row = [_short(name)]
             for key, (out, seconds) in runs.items():
                 err, err_held = relative_error(out, W, stats), relative_error(out, W, held_stats)
@@ -297,8 +308,9 @@ def adjust_tables(weights, calib, held, patterns, iters):
 def sds_tables(weights, calib, held, patterns):
     """Layer-level SDS variants on the same statistics (no propagation between layers): which second
     prune to use after the dense phase. Seconds are whole-variant totals (first prune included)."""
-    from sds.pruners import parse_pattern, prune
-    from sds.reconstruct import adjust, dense_reconstruction
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
+    from sds.algorithms.dispatch import adjust, dense_reconstruction
 
     l1, pruned_weight = 0.01, 3.0
     for text in patterns:
@@ -350,9 +362,10 @@ OPT_SHAPES = [(768, 768, False), (3072, 768, False), (768, 3072, True)]  # q/k/v
 
 
 def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
-    from sds.admm import masked_admm
-    from sds.pruners import parse_pattern, prune
-    from sds.reconstruct import masked_least_squares
+    from sds.algorithms.admm import masked_admm
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
+    from sds.algorithms.least_squares import masked_least_squares
 
     rows = []
     for rows_, cols, relu in OPT_SHAPES:
@@ -363,7 +376,7 @@ def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
         for text in ("2:4", "unstructured:0.5"):
             pattern = parse_pattern(text)
             ours = min(timed(prune, "sparsegpt", W, pattern, hessian=H)[1] for _ in range(repeats))
-            new_W, mask = prune("sparsegpt", W, pattern, hessian=H)
+            new_W, mask = prune("sparsegpt", W, pattern, PRUNE, hessian=H)
             extra_zeros = int((new_W == 0).sum()) - int((~mask).sum())
             cells = [f"{rows_}×{cols}", text, str(dead), f"{ours:.3f}"]
             if ref_sparsegpt:
@@ -389,7 +402,7 @@ def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
         H = X.T @ X / X.shape[0]
         W = torch.randn(rows_, cols, generator=torch.Generator().manual_seed(1)) * 0.02
         stats = LinearStats(H, H, H)
-        pruned, mask = prune("sparsegpt", W, parse_pattern("2:4"), hessian=H)
+        pruned, mask = prune("sparsegpt", W, parse_pattern("2:4"), PRUNE, hessian=H)
         exact, t_exact = timed(masked_least_squares, W, stats, mask, percdamp=0.01)
         admm, t_admm = timed(masked_admm, W, stats, mask, pruned, iters=20, percdamp=0.01, ridge_to="zero")
         rows.append([f"{rows_}×{cols}", f"{t_exact:.1f}", f"{t_admm:.2f}", f"{t_exact / t_admm:.1f}",

@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--no-run", action="store_true", help="only collect what an earlier run left")
     args = ap.parse_args()
 
-    from sds.patterns import parse_pattern
+    from sds.core.patterns import parse_pattern
 
     config = yaml.safe_load((ROOT / args.config).read_text() if not Path(args.config).is_absolute()
                             else Path(args.config).read_text())

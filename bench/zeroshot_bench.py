@@ -54,10 +54,12 @@ def main() -> int:
 
 
 def measure(args, raw: dict, work: Path) -> int:
-    from sds.config import validate_config
-    from sds.io import save_tensors
-    from sds.model import decoder_layers, decoder_layers_prefix, find_linears, load_model
-    from sds.pruners import parse_pattern, prune
+    from sds.core.config import validate_config
+    from sds.storage.safetensors import save_tensors
+    from sds.model.decoder import decoder_layers, decoder_layers_prefix, find_linears
+    from sds.model.loading import load_model
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
 
     cfg = validate_config({**raw, "mlflow": {"enabled": False}})
     cfg_off = json.loads(json.dumps(cfg))
@@ -77,7 +79,7 @@ def measure(args, raw: dict, work: Path) -> int:
     dense, _ = load_model(model)
     pattern, prefix = parse_pattern("unstructured:0.5"), decoder_layers_prefix(dense)
     save_tensors(work / "pruned.safetensors",
-                 {f"{prefix}.{i}.{n}.weight": prune("magnitude", lin.weight.detach(), pattern)[0]
+                 {f"{prefix}.{i}.{n}.weight": prune("magnitude", lin.weight.detach(), pattern, {})[0]
                   for i, layer in enumerate(decoder_layers(dense)) for n, lin in find_linears(layer).items()})
 
     checkpoints = {"dense": [], "magnitude 50%": [f"weights={work / 'pruned.safetensors'}", "stage=prune1",

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         for name, url in pages(args.tracking_uri.rstrip("/"), args.experiment).items():
             shoot(args.chromium, url, args.out / name, args.size, args.wait_ms)
         return 0
-    from sds.mlflow_server import free_port, start, stop
+    from sds.tracking.server import free_port, start, stop
 
     with tempfile.TemporaryDirectory() as state:
         uri, _ = start(free_port(), state=Path(state), store=args.store)

@@ -13,6 +13,16 @@ SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
 torch.set_num_threads(2)
 
+# Settings for direct calls of the algorithms: the schema's defaults (config/schema.yaml holds each once).
+from sds.core.config import defaults as _defaults  # noqa: E402
+
+DEFAULTS = _defaults()
+PRUNE, PRUNE2, RECON = DEFAULTS["prune"], DEFAULTS["prune2"], DEFAULTS["reconstruct"]["default"]
+ADMM_PRUNER = {"iters": PRUNE["admm_iters"], "gradual_iters": PRUNE["admm_gradual_iters"],
+               "percdamp": PRUNE["admm_percdamp"]}
+DENSE_ADMM = {"iters": RECON["iters"], "rho": RECON["rho"]}
+MASKED_ADMM = {"iters": PRUNE2["adjust_iters"], "percdamp": PRUNE2["admm_percdamp"]}
+
 
 def pytest_itemcollected(item):
     """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh): the tests that read the session's
@@ -60,13 +70,35 @@ def tiny_llama(layers=2, hidden=32, ffn=64, heads=4, vocab=128, positions=64):
 
 # --- the real workflow -------------------------------------------------------------------------------
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+# SDS_TEST_SNAKEFILE: drive another checkout's workflow with these tests (e.g. to show a test fails on main)
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", os.environ.get("SDS_TEST_SNAKEFILE", str(ROOT / "Snakefile"))]
+
+
+
+def _quick_scontrol_dir() -> str:
+    """A folder with a stand-in `scontrol` that fails at once. Snakemake's SLURM executor plugin runs
+    `scontrol show config` whenever Snakemake starts (a 10 s timeout); with slurm-wlm installed and no
+    controller running, every Snakemake start waited those 10 s for nothing. The tests' local runs put this
+    first on PATH (the plugin then keeps its defaults); tests/test_slurm.py runs the real one."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sds-test-bin-")
+    atexit.register(shutil.rmtree, folder, True)
+    stub = Path(folder) / "scontrol"
+    stub.write_text("#!/bin/sh\nexit 1\n")
+    stub.chmod(0o755)
+    return folder
+
+
+LOCAL_PATH = f"{_quick_scontrol_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def snakemake(workdir: Path, *args: str, check=True, tracking_uri: str = "", env: dict | None = None
               ) -> subprocess.CompletedProcess:
     proc = subprocess.run([*SNAKEMAKE, "-d", str(workdir), *args], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})})
+                          env={**os.environ, "PATH": LOCAL_PATH, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -88,7 +120,7 @@ def planned_jobs(output: str) -> set[str]:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on a free loopback port (SQLite backend), stopped afterwards."""
-    from sds.mlflow_server import free_port, start, stop
+    from sds.tracking.server import free_port, start, stop
 
     state = tmp_path_factory.mktemp("mlflow-server")
     url, _ = start(free_port(), state=state)

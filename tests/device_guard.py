@@ -1,7 +1,7 @@
 """A test-only torch function mode that fails any operation whose tensor arguments live on different
 devices, naming the operation and the devices: on a CPU-only machine it catches code that would mix the
 GPU with the host (for example statistics read to the CPU and multiplied with weights on the device), when
-reads that name no device are sent to "meta" (sds.io.DEFAULT_READ_DEVICE) for the test."""
+reads that name no device are sent to "meta" (sds.storage.safetensors.DEFAULT_READ_DEVICE) for the test."""
 from __future__ import annotations
 
 import torch

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from sds.config import ConfigError, config_hash, load_config_file, validate_config
+from sds.core.errors import ConfigError
+from sds.core.config import config_hash, load_config_file, validate_config
 
 
 def base(**over):
@@ -74,16 +75,16 @@ def test_bad_yaml_named(tmp_path):
 
 
 def test_configuration_reference_matches_schema():
-    from sds.docs import DOC_PATH, render
+    from sds.core.config_docs import DOC_PATH, render
 
-    assert DOC_PATH.read_text() == render(), "docs/configuration.md is stale: run `python -m sds.docs`"
+    assert DOC_PATH.read_text() == render(), "docs/configuration.md is stale: run `python -m sds.core.config_docs`"
 
 
 def test_paper_and_wikitext_configs_match_the_schema():
     """They name files outside the repo (checked at run time); their keys and values must be valid."""
     import jsonschema
 
-    from sds.config import load_schema
+    from sds.core.config import load_schema
 
     schema = load_schema()
     for name in ("opt125m.yaml", "wikitext2.yaml"):

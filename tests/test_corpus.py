@@ -1,4 +1,4 @@
-from sds.corpus import builtin_splits, generate_corpus
+from sds.demo.corpus import builtin_splits, generate_corpus
 
 
 def test_corpus_is_deterministic_and_seed_dependent():

@@ -26,14 +26,16 @@ def test_stages_compute_on_one_device_whatever_their_inputs(micro_run, tmp_path,
     """The stages that read earlier stages' weights, masks and statistics, run in this process with the
     reads that name no device landing on "meta": a tensor read to the wrong place fails the guard (or the
     first use of a meta tensor), instead of being silently moved or mixed."""
-    from sds import io, stages
+    from sds.core.stage_keys import stage_config
+    from sds.stages import compress as stages
+    from sds.storage import safetensors as tensor_files
 
     work, _, _ = micro_run
     r = work / "results" / "micro"
     config = _config(r)
     config["device"] = "cpu"
     monkeypatch.chdir(work)
-    monkeypatch.setattr(io, "DEFAULT_READ_DEVICE", "meta")
+    monkeypatch.setattr(tensor_files, "DEFAULT_READ_DEVICE", "meta")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     config["mlflow"]["enabled"] = False
     common = dict(model_dir=str(r / "model"), inputs_dir=str(r / "activations" / "input"),
@@ -41,11 +43,12 @@ def test_stages_compute_on_one_device_whatever_their_inputs(micro_run, tmp_path,
     guard = DeviceGuard()
     with guard:
         if stage == "prune1_adjust":
-            stages.prune1_adjust(config, out=str(tmp_path / "out"), **common)
+            stages.prune1_adjust(stage_config(config, "prune1_adjust"), out=str(tmp_path / "out"), **common)
         elif stage == "reconstruct":
-            stages.reconstruct(config, recon="default", out=str(tmp_path / "out"), **common)
+            stages.reconstruct(stage_config(config, "reconstruct", recon="default"), recon="default", out=str(tmp_path / "out"), **common)
         else:
-            stages.prune2(config, method="sparsegpt", pattern="2of4", recon="default", reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"),
-                          out=str(tmp_path / "out"), **common)
+            stages.prune2(stage_config(config, "prune2", method="sparsegpt", recon="default"), method="sparsegpt",
+                          pattern="2of4", recon="default",
+                          reconstruct_dir=str(r / "sparsegpt" / "2of4" / "default" / "reconstruct"), out=str(tmp_path / "out"), **common)
     assert guard.checked > 100, "the stage ran under the guard"
     assert (tmp_path / "out" / "weights.safetensors").is_file()

@@ -23,8 +23,8 @@ RUNS = {
 def checkpoints(tmp_path_factory):
     """OPT and LLaMA checkpoints trained on the generated corpus, and that corpus as two text files."""
     built_once(tmp_path_factory, "test_external.checkpoints")
-    from sds.corpus import builtin_splits
-    from sds.modelbuild import build_model
+    from sds.demo.corpus import builtin_splits
+    from sds.demo.builder import build_model
 
     root = tmp_path_factory.mktemp("user")
     splits = builtin_splits(150, 20, seed=1)
@@ -61,7 +61,7 @@ def user_runs(checkpoints):
 
 
 def test_every_stage_ran_on_both_families(user_runs, checkpoints):
-    from sds.patterns import parse_pattern
+    from sds.core.patterns import parse_pattern
 
     work, _ = user_runs
     rows = list(csv.DictReader((work / "results" / "summary.csv").open()))
@@ -107,9 +107,9 @@ def _loaded(path):
 def test_every_checkpoint_is_a_loadable_folder_with_the_configured_sparsity(user_runs, arch):
     """prune1, prune1+adjust (the export target) and SDS: each loads with from_pretrained, generates, and has
     exactly the zeros the pattern asks of every decoder linear, with every N:M group valid."""
-    from sds.evaluate import pattern_violations
-    from sds.model import decoder_layers, find_linears
-    from sds.patterns import parse_pattern
+    from sds.evaluation.perplexity import pattern_violations
+    from sds.model.decoder import decoder_layers, find_linears
+    from sds.core.patterns import parse_pattern
 
     work, _ = user_runs
     r = work / "results" / f"user_{arch}"
@@ -222,7 +222,7 @@ def test_documented_configs_validate_and_build_their_dag(name, checkpoints, tmp_
     cfg["evaluate"]["datasets"] = {name: str(text) for name in cfg["evaluate"]["datasets"]}
     zs = cfg["evaluate"].get("zeroshot", {})
     if zs.get("enabled", True) and zs.get("data_dir"):
-        from sds.tasksets import resolve_tasks, task_spec
+        from sds.core.tasksets import resolve_tasks, task_spec
 
         zs["data_dir"] = str(tmp_path / "zeroshot")
         for task in resolve_tasks(zs["tasks"]):

@@ -1,8 +1,11 @@
 import pytest
 import torch
 
-from sds.io import (CorruptFileError, ParquetTensorWriter, atomic_dir, atomic_path, iter_parquet_tensors,
-                    load_tensors, save_tensors, write_json)
+from sds.core.errors import CorruptFileError
+from sds.storage.parquet import ParquetTensorWriter, iter_parquet_tensors
+from sds.storage.atomic import atomic_dir, atomic_path
+from sds.storage.safetensors import load_tensors, save_tensors
+from sds.storage.documents import write_json
 
 
 def test_safetensors_round_trip_is_exact(tmp_path):
@@ -107,8 +110,8 @@ def test_outputs_get_the_modes_of_plainly_created_files(tmp_path):
 
 def test_saved_model_folder_is_verified_on_load(tmp_path):
     from conftest import tiny_opt
-    from sds.io import checksum_folder
-    from sds.model import load_model
+    from sds.storage.checksums import checksum_folder
+    from sds.model.loading import load_model
 
     model = tiny_opt()
     model.save_pretrained(tmp_path)
@@ -130,7 +133,7 @@ def test_saved_model_folder_is_verified_on_load(tmp_path):
 def test_streamed_safetensors_equal_a_whole_file_save(tmp_path):
     from safetensors.torch import load_file
 
-    from sds.io import SafetensorsStreamWriter, TensorReader
+    from sds.storage.safetensors import SafetensorsStreamWriter, TensorReader
 
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.uint8), "c": torch.randn(2, 2).bfloat16()}
     with SafetensorsStreamWriter(tmp_path / "s.safetensors", {k: (v.dtype, v.shape) for k, v in tensors.items()},
@@ -146,7 +149,7 @@ def test_streamed_safetensors_equal_a_whole_file_save(tmp_path):
 
 
 def test_streamed_safetensors_refuse_wrong_order_shape_and_incomplete_files(tmp_path):
-    from sds.io import SafetensorsStreamWriter
+    from sds.storage.safetensors import SafetensorsStreamWriter
 
     specs = {"a": (torch.float32, (2,)), "b": (torch.float32, (3,))}
     writer = SafetensorsStreamWriter(tmp_path / "s.safetensors", specs)
@@ -163,7 +166,7 @@ def test_streamed_safetensors_refuse_wrong_order_shape_and_incomplete_files(tmp_
 def test_plain_safetensors_reader_matches_the_library_and_names_bad_files(tmp_path):
     from safetensors.torch import save_file
 
-    from sds.io import SafetensorsFile
+    from sds.storage.safetensors import SafetensorsFile
 
     tensors = {"w": torch.randn(4, 6), "m": torch.ones(3, dtype=torch.bool), "h": torch.randn(5).half()}
     save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
@@ -182,14 +185,14 @@ def _cache_with_pyarrow(path, rows, column_type="fixed", nullable=True, **option
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sds.io import _write_checksum
+    from sds.storage.checksums import write_checksum
 
     values = [r.numpy().tobytes() for r in rows]
     typ = {"fixed": pa.binary(len(values[0])), "large_binary": pa.large_binary(), "binary": pa.binary()}[column_type]
     meta = {b"sds.shape": json.dumps(list(rows[0].shape)).encode(), b"sds.dtype": b"torch.float32"}
     schema = pa.schema([pa.field("hidden", typ, nullable=nullable)], metadata=meta)
     pq.write_table(pa.table({"hidden": pa.array(values, type=typ)}, schema=schema), str(path), **options)
-    _write_checksum(path)
+    write_checksum(path)
 
 
 @pytest.mark.parametrize("column_type, nullable, options", [
@@ -235,16 +238,16 @@ def test_cache_of_wrong_value_size_or_type_is_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sds.io import _write_checksum
+    from sds.storage.checksums import write_checksum
 
     p = tmp_path / "c.parquet"
     meta = {b"sds.shape": json.dumps([4, 4]).encode(), b"sds.dtype": b"torch.float32"}
     pq.write_table(pa.table({"hidden": pa.array([b"x" * 60], type=pa.binary(60))}).replace_schema_metadata(meta), p)
-    _write_checksum(p)
+    write_checksum(p)
     with pytest.raises(CorruptFileError, match=r"c.parquet: row group 0 unreadable \(60-byte values where"):
         list(iter_parquet_tensors(p))
     pq.write_table(pa.table({"hidden": pa.array([1.0])}).replace_schema_metadata(meta), p)
-    _write_checksum(p)
+    write_checksum(p)
     with pytest.raises(CorruptFileError, match="c.parquet: row group 0 unreadable .*expected binary values"):
         list(iter_parquet_tensors(p))
 
@@ -275,7 +278,7 @@ def test_only_outputs_this_run_recorded_are_discarded(tmp_path, monkeypatch):
     import os
     import shutil
 
-    from sds.io import OUTPUT_RECORD, discard_stage_output, recorded_output
+    from sds.storage.records import OUTPUT_RECORD, discard_stage_output, recorded_output
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "results" / "exp1"
@@ -314,7 +317,7 @@ def test_only_outputs_this_run_recorded_are_discarded(tmp_path, monkeypatch):
 
 
 def test_records_survive_moving_the_whole_project(tmp_path, monkeypatch):
-    from sds.io import recorded_output
+    from sds.storage.records import recorded_output
 
     (tmp_path / "a").mkdir()
     monkeypatch.chdir(tmp_path / "a")
@@ -348,7 +351,9 @@ def test_atomic_dir_replaces_only_its_own_outputs(tmp_path, monkeypatch):
 _WRITE_UNDER_LIMIT = """
 import resource, sys, torch
 sys.path.insert(0, {src!r})
-from sds.io import ParquetTensorWriter, SafetensorsStreamWriter, atomic_dir, save_tensors
+from sds.storage.atomic import atomic_dir
+from sds.storage.parquet import ParquetTensorWriter
+from sds.storage.safetensors import SafetensorsStreamWriter, save_tensors
 out = {out!r}
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 kind = sys.argv[1]
@@ -387,7 +392,8 @@ def test_write_over_the_file_size_limit_names_the_output_and_leaves_nothing(tmp_
 
 @pytest.mark.parametrize("memory_bytes", [0, 3 * 4 * 5 * 8, 1 << 20])  # always disk, spills mid-stream, all held
 def test_work_stream_gives_the_same_batches_held_spilled_or_on_disk(tmp_path, memory_bytes):
-    from sds.streams import WorkStream, append_batch, cache_file
+    from sds.core.layout import layer_file as cache_file
+    from sds.model.streams import WorkStream, append_batch
 
     torch.manual_seed(0)
     first = cache_file(tmp_path / "inputs", 0)
@@ -415,7 +421,7 @@ def test_work_stream_gives_the_same_batches_held_spilled_or_on_disk(tmp_path, me
 def test_one_save_in_flight_raises_a_failed_write_at_the_next_save_or_when_the_block_ends():
     """The sequential passes save each layer's statistics in the background; a failed write must stop the
     stage (a layer later at most), never pass silently."""
-    from sds.passes import OneSaveInFlight
+    from sds.model.passes import OneSaveInFlight
 
     written = []
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_opt
-from sds.model import (ModelError, apply_weights, capture_layer_inputs, decoder_layers, find_linears, layer_kwargs,
-                       load_model, run_layer)
+from sds.core.errors import ModelError
+from sds.model.loading import apply_weights, load_model
+from sds.model.decoder import capture_layer_inputs, decoder_layers, find_linears, layer_kwargs, run_layer
 
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
@@ -55,7 +56,7 @@ def test_apply_weights_rejects_unknown_names():
 
 @pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
 def test_layerwise_model_matches_the_loaded_model_one_layer_at_a_time(tmp_path, make):
-    from sds.model import LayerwiseModel
+    from sds.model.loading import LayerwiseModel
 
     from transformers import AutoModelForCausalLM
 
@@ -80,8 +81,8 @@ def test_layerwise_model_matches_the_loaded_model_one_layer_at_a_time(tmp_path, 
 
 
 def test_layerwise_save_pretrained_replaces_only_the_given_tensors(tmp_path):
-    from sds.io import save_tensors, TensorReader
-    from sds.model import LayerwiseModel
+    from sds.storage.safetensors import save_tensors, TensorReader
+    from sds.model.loading import LayerwiseModel
 
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +146,8 @@ def _save_config_only(folder, config):
     (lambda: __import__("transformers").BloomConfig(n_layer=1, hidden_size=8, n_head=2), "BloomForCausalLM"),
 ])
 def test_unsupported_architectures_are_refused_before_any_work(tmp_path, make_config, arch):
-    from sds.config import ConfigError, validate_config
+    from sds.core.errors import ConfigError
+    from sds.core.config import validate_config
 
     config = make_config()
     config.architectures = [arch]
@@ -161,7 +163,8 @@ def test_unsupported_architectures_are_refused_before_any_work(tmp_path, make_co
 def test_sliding_window_refused_only_beyond_the_window(tmp_path):
     from transformers import MistralConfig
 
-    from sds.config import ConfigError, validate_config
+    from sds.core.errors import ConfigError
+    from sds.core.config import validate_config
 
     _save_config_only(tmp_path / "m", MistralConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
                                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=32,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import SHARED_ASSETS
-from sds.config import validate_config
-from sds.corpus import generate_corpus
-from sds.data import join_lines, perplexity_windows, read_text_source, tokenize
+from sds.core.config import validate_config
+from sds.demo.corpus import generate_corpus
+from sds.data.texts import join_lines, read_text_source, tokenize
+from sds.data.windows import perplexity_windows
 
 WIKITEXT = SHARED_ASSETS / "wikitext-2-v1"
 
@@ -59,7 +60,7 @@ def model_dir(tmp_path_factory):
     """A tiny random OPT + a BPE tokenizer trained on generated text, saved like the pipeline's model."""
     from transformers import OPTForCausalLM
 
-    from sds.modelbuild import make_opt_config, train_tokenizer
+    from sds.demo.builder import make_opt_config, train_tokenizer
 
     out = tmp_path_factory.mktemp("ppl") / "model"
     tok = train_tokenizer(generate_corpus(100, 0), 512)
@@ -71,7 +72,7 @@ def model_dir(tmp_path_factory):
 
 
 def _stage_ppl(tmp_path, model_dir, datasets, corpus_dir=None, max_windows=None, seqlen=64):
-    from sds import eval_stages as stages
+    from sds.stages import evaluate as stages
 
     cfg = validate_config({"run": "t", "threads": 1, "mlflow": {"enabled": False},
                            "evaluate": {"seqlen": seqlen, "datasets": datasets, "max_windows": max_windows,
@@ -81,7 +82,7 @@ def _stage_ppl(tmp_path, model_dir, datasets, corpus_dir=None, max_windows=None,
 
 
 def _load(model_dir):
-    from sds.model import load_model
+    from sds.model.loading import load_model
 
     return load_model(model_dir)
 
@@ -136,7 +137,7 @@ def test_local_text_jsonl_parquet_and_datasets_folder_work_offline(tmp_path, mon
     assert read_text_source(str(tmp_path / "t.parquet")) == expected
     assert read_text_source(f"hf:{tmp_path / 'local_ds'}", split="test") == expected
     assert read_text_source("builtin", builtin_text=tmp_path / "t.txt") == raw  # our own corpus: as written
-    from sds.data import DataError
+    from sds.core.errors import DataError
 
     with pytest.raises(DataError, match="local datasets cache"):  # offline: no download is attempted
         read_text_source("hf:wikitext:wikitext-2-raw-v1:test")

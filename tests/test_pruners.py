@@ -1,11 +1,15 @@
 import pytest
 import torch
 
-from conftest import correlated_inputs
-from sds.admm import admm_prune, cubic_sparsity, select_mask
-from sds.pruners import (PRUNERS, Pattern, inverse_hessian_cholesky, magnitude_prune, mask_from_scores, parse_pattern,
-                         pattern_from_slug, prune, remove_lowest, sparsegpt_prune, wanda_prune)
-from sds.reconstruct import LinearStats, relative_error
+from conftest import ADMM_PRUNER, PRUNE, correlated_inputs
+from sds.algorithms.admm import admm_prune, cubic_sparsity, select_mask
+from sds.algorithms.dispatch import PRUNERS, prune
+from sds.core.patterns import Pattern, parse_pattern, pattern_from_slug
+from sds.algorithms.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from sds.algorithms.magnitude import magnitude_prune
+from sds.algorithms.masks import mask_from_scores, remove_lowest
+from sds.algorithms.wanda import wanda_prune
+from sds.algorithms.objective import LinearStats, relative_error
 
 PATTERNS = ["2:4", "4:8", "1:4", "unstructured:0.5", "unstructured:0.7"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -36,7 +40,7 @@ def _check_pattern(W, mask, pat: Pattern, per_row: bool):
 def test_pruners_hit_the_requested_pattern_exactly(method, text):
     W, _, H = _layer()
     pat = parse_pattern(text)
-    new_W, mask = prune(method, W, pat, hessian=H, blocksize=16)
+    new_W, mask = prune(method, W, pat, PRUNE | {"blocksize": 16}, hessian=H)
     _check_pattern(new_W, mask, pat, per_row=(method == "wanda"))
     assert abs(1 - mask.float().mean().item() - pat.sparsity) <= 1 / W.shape[1]  # floor per comparison group
 
@@ -44,7 +48,7 @@ def test_pruners_hit_the_requested_pattern_exactly(method, text):
 def test_sparsegpt_unstructured_count_is_exact_with_uneven_blocks():
     W, _, H = _layer(rows=7, cols=50)
     pat = parse_pattern("unstructured:0.3")
-    new_W, mask = sparsegpt_prune(W, H, pat, blocksize=16)
+    new_W, mask = sparsegpt_prune(W, H, pat, percdamp=PRUNE["percdamp"], blocksize=16)
     assert int((~mask).sum()) == int(0.3 * W.numel())
 
 
@@ -56,7 +60,7 @@ def test_output_error_ordering_on_correlated_inputs(text):
     stats = LinearStats(H, H, H)
     errors = {}
     for method in ("magnitude", "wanda", "sparsegpt", "admm"):
-        new_W, _ = prune(method, W, pat, hessian=H)
+        new_W, _ = prune(method, W, pat, PRUNE, hessian=H)
         direct = ((X @ (W - new_W).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
         errors[method] = relative_error(new_W, W, stats)
         assert errors[method] == pytest.approx(float(direct), rel=1e-3)
@@ -96,7 +100,7 @@ def test_exact_sparsity_with_dead_inputs(method, text):
     W, _, H = _layer()
     H = _with_dead_inputs(H, DEAD)
     pat = parse_pattern(text)
-    new_W, mask = prune(method, W, pat, hessian=H, blocksize=16)
+    new_W, mask = prune(method, W, pat, PRUNE | {"blocksize": 16}, hessian=H)
     assert torch.isfinite(new_W).all()
     _check_pattern(new_W, mask, pat, per_row=(method == "wanda"))
     kept_dead = mask[:, DEAD]
@@ -108,7 +112,7 @@ def test_exact_sparsity_with_dead_inputs(method, text):
 def test_sparsegpt_restores_kept_dead_weights_from_its_input():
     W, _, H = _layer(rows=8, cols=16)
     H = _with_dead_inputs(H, [4, 5, 6, 7])  # a whole 2:4 group dead: two of its weights stay in every row
-    new_W, mask = sparsegpt_prune(W, H, parse_pattern("2:4"), blocksize=8)
+    new_W, mask = sparsegpt_prune(W, H, parse_pattern("2:4"), percdamp=PRUNE["percdamp"], blocksize=8)
     assert (mask[:, 4:8].sum(1) == 2).all()
     assert torch.equal(new_W[:, 4:8][mask[:, 4:8]], W[:, 4:8][mask[:, 4:8]])
 
@@ -118,9 +122,9 @@ def test_sparsegpt_two_level_blocking_is_the_plain_column_loop(text):
     """The inner blocks only regroup the error spreading: any inner block size gives the same result."""
     W, _, H = _layer(rows=24, cols=64)
     pat = parse_pattern(text)
-    plain, mask_plain = sparsegpt_prune(W, H, pat, blocksize=32, inner_blocksize=32)
+    plain, mask_plain = sparsegpt_prune(W, H, pat, percdamp=PRUNE["percdamp"], blocksize=32, inner_blocksize=32)
     for inner in (4, 8, 12):
-        blocked, mask = sparsegpt_prune(W, H, pat, blocksize=32, inner_blocksize=inner)
+        blocked, mask = sparsegpt_prune(W, H, pat, percdamp=PRUNE["percdamp"], blocksize=32, inner_blocksize=inner)
         assert torch.equal(mask, mask_plain)
         torch.testing.assert_close(blocked, plain, rtol=1e-4, atol=1e-5)
 
@@ -178,12 +182,12 @@ def test_admm_prune_starts_selection_from_w_start_and_fits_the_dense_weights(tex
     W, _, H = _layer(rows=32, cols=64)
     pat = parse_pattern(text)
     stats = LinearStats(H, H, H)
-    hidden, hidden_mask = prune("wanda", W, pat, hessian=H)
-    new_W, mask = admm_prune(W, H, pat, W_start=hidden, gradual_iters=1, iters=30)
+    hidden, hidden_mask = prune("wanda", W, pat, PRUNE, hessian=H)
+    new_W, mask = admm_prune(W, H, pat, **(ADMM_PRUNER | {"gradual_iters": 1, "iters": 30}), W_start=hidden)
     assert torch.equal(mask, hidden_mask)
     assert relative_error(new_W, W, stats) < 0.7 * relative_error(hidden, W, stats)
-    same, _ = admm_prune(W, H, pat, W_start=W)
-    assert torch.equal(same, admm_prune(W, H, pat)[0])
+    same, _ = admm_prune(W, H, pat, **ADMM_PRUNER, W_start=W)
+    assert torch.equal(same, admm_prune(W, H, pat, **ADMM_PRUNER)[0])
 
 
 def test_admm_gradual_selection_beats_one_shot_selection():
@@ -193,15 +197,15 @@ def test_admm_gradual_selection_beats_one_shot_selection():
     stats = LinearStats(H, H, H)
     for text in ("2:4", "unstructured:0.6"):
         pat = parse_pattern(text)
-        gradual = relative_error(admm_prune(W, H, pat)[0], W, stats)
-        fixed = relative_error(admm_prune(W, H, pat, gradual_iters=1)[0], W, stats)
+        gradual = relative_error(admm_prune(W, H, pat, **ADMM_PRUNER)[0], W, stats)
+        fixed = relative_error(admm_prune(W, H, pat, **(ADMM_PRUNER | {"gradual_iters": 1}))[0], W, stats)
         assert gradual < fixed
 
 
 @pytest.mark.parametrize("method", PRUNERS)
 def test_pruners_are_deterministic(method):
     W, _, H = _layer()
-    runs = [prune(method, W, parse_pattern("2:4"), hessian=H) for _ in range(2)]
+    runs = [prune(method, W, parse_pattern("2:4"), PRUNE, hessian=H) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
@@ -209,7 +213,7 @@ def test_pruners_are_deterministic(method):
 @pytest.mark.parametrize("method", PRUNERS)
 def test_pruner_outputs_live_on_the_input_device(method, device):
     W, _, H = _layer(rows=8, cols=16)
-    new_W, mask = prune(method, W.to(device), parse_pattern("2:4"), hessian=H.to(device), blocksize=8)
+    new_W, mask = prune(method, W.to(device), parse_pattern("2:4"), PRUNE | {"blocksize": 8}, hessian=H.to(device))
     assert new_W.device.type == device and mask.device.type == device
     assert new_W.dtype == torch.float32 and mask.dtype == torch.bool
 
@@ -238,13 +242,13 @@ def test_slug_round_trip(text):
 def test_admm_variants_hit_the_pattern_and_improve_on_wanda(text, options):
     W, _, H = _layer()
     pat = parse_pattern(text)
-    new_W, mask = admm_prune(W, H, pat, **options)
+    new_W, mask = admm_prune(W, H, pat, **(ADMM_PRUNER | options))
     _check_pattern(new_W, mask, pat, per_row=False)
     stats = LinearStats(H, H, H)
-    assert relative_error(new_W, W, stats) < relative_error(prune("wanda", W, pat, hessian=H)[0], W, stats)
+    assert relative_error(new_W, W, stats) < relative_error(prune("wanda", W, pat, PRUNE, hessian=H)[0], W, stats)
 
 
 def test_admm_prune_needs_an_iteration():
     W, _, H = _layer(rows=4, cols=8)
     with pytest.raises(ValueError, match="iters >= 1"):
-        admm_prune(W, H, parse_pattern("2:4"), iters=0)
+        admm_prune(W, H, parse_pattern("2:4"), **(ADMM_PRUNER | {"iters": 0}))

@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import correlated_inputs
-from sds.pruners import parse_pattern, prune
-from sds.reconstruct import LinearStats, fista, masked_least_squares, reconstruction_error, relative_error
+from conftest import DENSE_ADMM, MASKED_ADMM, PRUNE, PRUNE2, RECON, correlated_inputs
+from sds.core.patterns import parse_pattern
+from sds.algorithms.dispatch import prune
+from sds.algorithms.objective import LinearStats, reconstruction_error, relative_error
+from sds.algorithms.fista import fista
+from sds.algorithms.least_squares import masked_least_squares
 
 
 def _problem(rows=16, cols=32, tokens=1024, cross=False):
@@ -53,14 +56,14 @@ def test_fista_decreases_error_and_converges_to_exact_solution():
 
 def test_fista_without_regulariser_moves_towards_dense():
     Wd, _, _, stats = _problem()
-    pruned, _ = prune("magnitude", Wd, parse_pattern("2:4"))
+    pruned, _ = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
     out = fista(pruned, Wd, stats, steps=500)
     assert relative_error(out, Wd, stats) < 0.05 * relative_error(pruned, Wd, stats)
 
 
 def test_l1_makes_weights_sparse_and_weighted_l1_targets_positions():
     Wd, _, _, stats = _problem()
-    pruned, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    pruned, mask = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
     plain = fista(pruned, Wd, stats, steps=200)
     sparse = fista(pruned, Wd, stats, steps=200, l1=0.5)
     assert (sparse == 0).float().mean() > (plain == 0).float().mean() + 0.1
@@ -72,8 +75,9 @@ def test_l1_makes_weights_sparse_and_weighted_l1_targets_positions():
 
 # --- ADMM solvers, the dense objective, dead inputs ------------------------------------------------------------
 
-from sds.admm import dense_admm, masked_admm  # noqa: E402
-from sds.reconstruct import adjust, dense_objective, dense_reconstruction  # noqa: E402
+from sds.algorithms.admm import dense_admm, masked_admm  # noqa: E402
+from sds.algorithms.dispatch import adjust, dense_reconstruction
+from sds.algorithms.objective import dense_objective
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -99,16 +103,16 @@ def test_dense_objective_is_error_plus_scaled_penalties():
 @pytest.mark.parametrize("l1,l2", [(0.05, 0.0), (0.01, 0.01), (0.0, 0.05)])
 def test_dense_admm_reaches_the_long_fista_objective_in_few_steps(l1, l2):
     Wd, stats = _real_like_problem()
-    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
     omega = torch.where(mask, torch.ones_like(Wd), torch.full_like(Wd, 3.0))
     kw = dict(l1=l1, l2=l2, l1_weights=omega)
     long_run = dense_objective(fista(start, Wd, stats, steps=3000, **kw), Wd, stats, **kw)
     short_fista = dense_objective(fista(start, Wd, stats, steps=40, **kw), Wd, stats, **kw)
-    admm = dense_objective(dense_admm(start, Wd, stats, iters=40, **kw), Wd, stats, **kw)
+    admm = dense_objective(dense_admm(start, Wd, stats, iters=40, rho=RECON["rho"], **kw), Wd, stats, **kw)
     assert admm <= long_run * 1.005
     assert admm < short_fista  # the same number of matrix products
     if l1:  # the soft threshold leaves exact zeros, as FISTA's proximal step does
-        assert (dense_admm(start, Wd, stats, iters=40, **kw) == 0).any()
+        assert (dense_admm(start, Wd, stats, iters=40, rho=RECON["rho"], **kw) == 0).any()
 
 
 def test_masked_admm_converges_to_the_exact_masked_least_squares():
@@ -146,21 +150,21 @@ def test_admm_adjustment_is_close_to_exact_and_fits_held_out_inputs_better():
     fit, held = X[:256], X[256:]
     stats = LinearStats(fit.T @ fit / 256, fit.T @ fit / 256, fit.T @ fit / 256)
     held_stats = LinearStats(*(held.T @ held / 4096,) * 3)
-    pruned, mask = prune("sparsegpt", Wd, parse_pattern("2:4"), hessian=stats.H)
-    exact = adjust(Wd, stats, mask, pruned, solver="exact", steps=0, percdamp=0.01)
-    admm = adjust(Wd, stats, mask, pruned, solver="admm", steps=0, percdamp=0.01)
+    pruned, mask = prune("sparsegpt", Wd, parse_pattern("2:4"), PRUNE, hessian=stats.H)
+    exact = adjust(Wd, stats, mask, pruned, PRUNE2 | {"adjust": "exact", "percdamp": 0.01})
+    admm = adjust(Wd, stats, mask, pruned, PRUNE2 | {"adjust": "admm"})
     assert relative_error(admm, Wd, stats) < 1.1 * relative_error(exact, Wd, stats)
     assert relative_error(admm, Wd, held_stats) < relative_error(exact, Wd, held_stats)
 
 
 def test_dispatchers_name_their_options():
     Wd, _, _, stats = _problem()
-    _, mask = prune("magnitude", Wd, parse_pattern("2:4"))
-    with pytest.raises(ValueError, match="'exact', 'fista' or 'admm'"):
-        adjust(Wd, stats, mask, Wd * mask, solver="lbfgs", steps=1, percdamp=0.01)
+    _, mask = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
+    with pytest.raises(ValueError, match="'exact', 'fista', 'admm' or 'none'"):
+        adjust(Wd, stats, mask, Wd * mask, PRUNE2 | {"adjust": "lbfgs"})
     with pytest.raises(ValueError, match="'admm' or 'fista'"):
-        dense_reconstruction(Wd * mask, Wd, stats, solver="sgd")
-    by_name = dense_reconstruction(Wd * mask, Wd, stats, solver="fista", steps=30, l1=0.01)
+        dense_reconstruction(Wd * mask, Wd, stats, RECON | {"solver": "sgd"})
+    by_name = dense_reconstruction(Wd * mask, Wd, stats, RECON | {"solver": "fista", "steps": 30, "l1": 0.01, "l2": 0.0})
     assert torch.equal(by_name, fista(Wd * mask, Wd, stats, steps=30, l1=0.01))
 
 
@@ -179,8 +183,8 @@ def test_adjustment_keeps_exact_sparsity_with_dead_inputs(solver, text):
     """A kept weight on a dead input does not affect the fit; the exact solve alone would leave it 0."""
     Wd, stats, dead = _dead_problem()
     pat = parse_pattern(text)
-    pruned, mask = prune("sparsegpt", Wd, pat, hessian=stats.H, blocksize=8)
-    out = adjust(Wd, stats, mask, pruned, solver=solver, steps=100, percdamp=0.01)
+    pruned, mask = prune("sparsegpt", Wd, pat, PRUNE | {"blocksize": 8}, hessian=stats.H)
+    out = adjust(Wd, stats, mask, pruned, PRUNE2 | {"adjust": solver, "adjust_steps": 100, "percdamp": 0.01})
     assert torch.isfinite(out).all()
     assert torch.equal(out != 0, mask), "zeros exactly where the mask removes"
     kept_dead = mask[:, dead]
@@ -192,17 +196,17 @@ def test_adjustment_keeps_exact_sparsity_with_dead_inputs(solver, text):
 @pytest.mark.parametrize("solver", ["admm", "fista"])
 def test_dense_phase_leaves_dead_inputs_at_the_dense_weights(solver):
     Wd, stats, dead = _dead_problem()
-    start, _ = prune("sparsegpt", Wd, parse_pattern("2:4"), hessian=stats.H)
-    out = dense_reconstruction(start, Wd, stats, solver=solver, l1=0.5, steps=100, iters=30)
+    start, _ = prune("sparsegpt", Wd, parse_pattern("2:4"), PRUNE, hessian=stats.H)
+    out = dense_reconstruction(start, Wd, stats, RECON | {"solver": solver, "l1": 0.5, "l2": 0.0, "steps": 100, "iters": 30})
     assert torch.equal(out[:, dead], Wd[:, dead])
     assert torch.isfinite(out).all()
 
 
 def test_admm_solvers_are_deterministic():
     Wd, stats = _real_like_problem()
-    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
-    assert torch.equal(dense_admm(start, Wd, stats, l1=0.01), dense_admm(start, Wd, stats, l1=0.01))
-    assert torch.equal(masked_admm(Wd, stats, mask, start), masked_admm(Wd, stats, mask, start))
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
+    assert torch.equal(dense_admm(start, Wd, stats, **DENSE_ADMM, l1=0.01), dense_admm(start, Wd, stats, **DENSE_ADMM, l1=0.01))
+    assert torch.equal(masked_admm(Wd, stats, mask, start, **MASKED_ADMM), masked_admm(Wd, stats, mask, start, **MASKED_ADMM))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -210,9 +214,10 @@ def test_solver_outputs_live_on_the_input_device(device):
     Wd, _, _, stats = _problem(rows=8, cols=16)
     Wd = Wd.to(device)
     stats = LinearStats(*(t.to(device) for t in (stats.H, stats.G, stats.D)))
-    start, mask = prune("magnitude", Wd, parse_pattern("2:4"))
-    outs = [dense_reconstruction(start, Wd, stats, solver=s, l1=0.01, steps=5, iters=5) for s in ("admm", "fista")]
-    outs += [adjust(Wd, stats, mask, start, solver=s, steps=5, percdamp=0.01, admm_iters=5)
+    start, mask = prune("magnitude", Wd, parse_pattern("2:4"), PRUNE)
+    outs = [dense_reconstruction(start, Wd, stats, RECON | {"solver": s, "l1": 0.01, "l2": 0.0, "steps": 5, "iters": 5})
+            for s in ("admm", "fista")]
+    outs += [adjust(Wd, stats, mask, start, PRUNE2 | {"adjust": s, "adjust_steps": 5, "adjust_iters": 5})
              for s in ("exact", "fista", "admm")]
     assert all(o.device.type == device and o.dtype == torch.float32 for o in outs)
 
@@ -221,7 +226,7 @@ def test_solver_outputs_live_on_the_input_device(device):
 def test_admm_steps_in_place_equal_the_textbook_iteration_bit_for_bit(penalty):
     """admm_iterate reuses its buffers; each step must still be V = W + U, Z = prox(V), U = V − Z,
     W = (C + ρ(Z − U)) S exactly, also with an identity prox (whose Z is V itself)."""
-    from sds.admm import _inverse_spd, admm_iterate
+    from sds.algorithms.admm import _inverse_spd, admm_iterate
 
     torch.manual_seed(0)
     X = torch.randn(256, 24)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, snakemake, tiny_opt
+from conftest import LOCAL_PATH, ROOT, snakemake, tiny_opt
 
 
 def _copy_run(micro_run, tmp_path) -> Path:
@@ -33,7 +33,7 @@ def test_killed_stage_leaves_nothing_and_rerun_is_bit_identical(micro_run, tmp_p
     target = work / "results" / "micro" / output
     before = _digests(target)
     assert before, "the finished run recorded checksums"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "SDS_FAULT_KILL": f"{rule}:1"}
+    env = {**os.environ, "PATH": LOCAL_PATH, "MLFLOW_TRACKING_URI": "", "SDS_FAULT_KILL": f"{rule}:1"}
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
                            "--cores", "1", "--configfile", str(cfg), "--forcerun", rule, "--until", rule],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -62,8 +62,9 @@ def test_corrupt_cache_is_named_then_recreated(micro_run, tmp_path):
 
 
 def test_nan_activations_name_the_layer():
-    from sds.layerwise import NumericalError, collect_stats
-    from sds.model import decoder_layers, layer_kwargs
+    from sds.core.errors import NumericalError
+    from sds.model.statistics import collect_stats
+    from sds.model.decoder import decoder_layers, layer_kwargs
 
     model = tiny_opt()
     bad = torch.randn(16, 32)
@@ -73,7 +74,7 @@ def test_nan_activations_name_the_layer():
 
 
 def test_hessian_solve_falls_back_to_stronger_dampening():
-    from sds.pruners import inverse_hessian_cholesky
+    from sds.algorithms.sparsegpt import inverse_hessian_cholesky
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(16, 16, generator=g)
@@ -87,7 +88,8 @@ def test_hessian_solve_falls_back_to_stronger_dampening():
 
 
 def test_too_short_calibration_text_is_named():
-    from sds.data import DataError, sample_windows
+    from sds.core.errors import DataError
+    from sds.data.windows import sample_windows
 
     with pytest.raises(DataError, match="calibration text has 10 tokens, fewer than one window of seqlen=64"):
         sample_windows(torch.arange(10), 4, 64, 0)
@@ -119,7 +121,7 @@ def test_layer_parallel_reconstruction_equals_single_job(micro_run, tmp_path):
 
 
 def load_weights(folder):
-    from sds.io import load_tensors
+    from sds.storage.safetensors import load_tensors
 
     return load_tensors(folder / "weights.safetensors")
 
@@ -173,7 +175,7 @@ def stage_run(tmp_path_factory):
     import json
     import random
 
-    from sds.config import validate_config
+    from sds.core.config import validate_config
 
     work = tmp_path_factory.mktemp("stages")
     model = work / "results" / RUN / "model"
@@ -333,7 +335,7 @@ def _config_json(tmp_path) -> Path:
     test (as if it changed after validation, which checks it too: see the pickle test)."""
     import json
 
-    from sds.config import validate_config
+    from sds.core.config import validate_config
 
     good = tmp_path / "good-model"
     _save_user_model(good)
@@ -356,7 +358,8 @@ def test_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path, monkeypatch,
     (model / "model.safetensors").unlink()
     torch.save({"weights": _Sentinel(sentinel)}, model / "pytorch_model.bin")  # a pickle, nothing else
     cfg = _config_json(tmp_path)
-    from sds.config import ConfigError, validate_config
+    from sds.core.errors import ConfigError
+    from sds.core.config import validate_config
 
     with pytest.raises(ConfigError, match=r"user-model. has no \*.safetensors weights \(only safetensors checkpoints"):
         validate_config({"run": RUN, "model": {"source": str(model)}, "calibration": {"source": str(cfg)}})
@@ -443,11 +446,11 @@ def _listening_addresses(port: int) -> set[str]:
 def test_mlflow_server_command_binds_loopback_by_default(tmp_path):
     import urllib.request
 
-    from sds.mlflow_server import free_port
+    from sds.tracking.server import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    start = subprocess.run([sys.executable, "-m", "sds.mlflow_server", "start", "--port", str(port)], cwd=tmp_path,
+    start = subprocess.run([sys.executable, "-m", "sds.tracking.server", "start", "--port", str(port)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=180, env=env)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
@@ -456,7 +459,7 @@ def test_mlflow_server_command_binds_loopback_by_default(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
             assert resp.status == 200
     finally:
-        subprocess.run([sys.executable, "-m", "sds.mlflow_server", "stop"], cwd=tmp_path, capture_output=True,
+        subprocess.run([sys.executable, "-m", "sds.tracking.server", "stop"], cwd=tmp_path, capture_output=True,
                        timeout=60, env=env)
     assert _listening_addresses(port) == set(), "stopped"
 
@@ -489,7 +492,7 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
 
     import yaml
 
-    from sds.config import config_hash, validate_config
+    from sds.core.config import config_hash, validate_config
 
     work = _copy_run(micro_run, tmp_path)
     cfg = work / "micro.yaml"
@@ -498,7 +501,7 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
     # The first run re-runs prune2 and what follows it (evaluate_sds, report); its prune2 holds for 30 s after
     # its first layer (the stages' test hook), so the second run, the edit and the dry run all happen while
     # it is going, on any machine, and the jobs after prune2 start after the edit.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "SDS_FAULT_SLEEP": "prune2:1:30"}
+    env = {**os.environ, "PATH": LOCAL_PATH, "MLFLOW_TRACKING_URI": "", "SDS_FAULT_SLEEP": "prune2:1:30"}
     first = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
                               "--cores", "1", "--configfile", str(cfg), "--forcerun", "prune2"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

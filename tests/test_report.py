@@ -8,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sds.config import validate_config
-from sds.patterns import parse_pattern
-from sds.report import build_report, checkpoint_of, figures, read_evals, _benchmark_seconds
+from sds.core.config import validate_config
+from sds.core.patterns import parse_pattern
+from sds.report.figures import figures
+from sds.report.inputs import benchmark_seconds as _benchmark_seconds, checkpoint_of, read_evals
+from sds.report.report import build_report
+from sds.storage.safetensors import save_tensors
 
 METHODS = ["sparsegpt", "wanda", "magnitude", "admm", "obc", "sparsellm"]
 PATTERNS = ["2:4", "unstructured:0.5", "4:8", "unstructured:0.7", "1:4"]
@@ -44,7 +47,7 @@ def synthetic_run(root, n_methods=3, n_patterns=3, recons=("default",), layers=1
         names = [f"model.decoder.layers.{i}.{n}.weight" for i in range(layers) for n in LINEARS]
         (path / "layers.json").write_text(json.dumps(
             {"linears": {n: {"rel_error": e, "rel_error_before": 2 * e} for n, e in zip(names, errors)}}, sort_keys=True))
-        save_file({HIST_KEY: torch.randn(16, 8, generator=g)}, str(path / "weights.safetensors"))
+        save_tensors(path / "weights.safetensors", {HIST_KEY: torch.randn(16, 8, generator=g)})  # with its checksum
         checkpoints.append(str(path))
 
     (root / "model").mkdir(parents=True)

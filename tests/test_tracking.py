@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sds.config import config_hash, validate_config
-from sds.mlflow_server import free_port
+from sds.core.config import config_hash, validate_config
+from sds.tracking.server import free_port
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _runs(uri):
 
 
 def test_default_store_is_sqlite_under_results(in_tmp):
-    from sds.tracking import record_stage
+    from sds.tracking.stage_runs import record_stage
 
     cfg = _config()
     artifact = in_tmp / "a.txt"
@@ -51,7 +51,7 @@ def test_default_store_is_sqlite_under_results(in_tmp):
 
 
 def test_unreachable_server_keeps_results_and_sync_replays_them(in_tmp, monkeypatch, caplog):
-    from sds.tracking import record_stage, sync_pending
+    from sds.tracking.stage_runs import record_stage, sync_pending
 
     cfg = _config()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
@@ -80,7 +80,7 @@ def test_experiment_is_a_model_training_one(in_tmp):
     before the kind was set gets it on the next record."""
     from mlflow.tracking import MlflowClient
 
-    from sds.tracking import record_stage
+    from sds.tracking.stage_runs import record_stage
 
     (in_tmp / "results").mkdir()
     client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'results' / 'mlflow.db'}")
@@ -94,7 +94,7 @@ def test_experiment_is_a_model_training_one(in_tmp):
 def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkeypatch):
     """Records kept offline keep their stages' start and end; sync replays them oldest first, so the
     pipeline's run starts with its first stage and ends with its last."""
-    from sds.tracking import record_stage, sync_pending
+    from sds.tracking.stage_runs import record_stage, sync_pending
 
     cfg = _config()
     h = config_hash(cfg)
@@ -138,7 +138,7 @@ def test_layer_metrics_are_series_over_decoder_layers():
     import torch
 
     from conftest import tiny_llama, tiny_opt
-    from sds.tracking import layer_metrics
+    from sds.tracking.entries import layer_metrics
 
     opt = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"}
     llama = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -170,7 +170,8 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_opt
-    from sds.tracking import model_entry, record_stage, registered_name
+    from sds.tracking.entries import model_entry, registered_name
+    from sds.tracking.stage_runs import record_stage
 
     folder = in_tmp / "results" / "t" / "sds" / "model"
     original = tiny_opt()

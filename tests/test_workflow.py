@@ -168,7 +168,7 @@ def test_mlflow_dataset_inputs_name_the_texts(micro_run, mlflow_server):
     """Calibration and evaluation texts as dataset inputs: source file, digest of its text, token count."""
     from transformers import AutoTokenizer
 
-    from sds.data import tokenize
+    from sds.data.texts import tokenize
 
     work, _, _ = micro_run
     _, _, parent, children = _mlflow_runs(mlflow_server)
@@ -230,8 +230,8 @@ def test_mlflow_registry_holds_the_sds_checkpoint(micro_run, mlflow_server, tmp_
 def test_sds_model_loads_and_generates(micro_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sds.evaluate import measured_sparsity, pattern_violations
-    from sds.pruners import parse_pattern
+    from sds.evaluation.perplexity import measured_sparsity, pattern_violations
+    from sds.core.patterns import parse_pattern
 
     work, _, _ = micro_run
     path = work / "results" / "micro" / "sparsegpt" / "2of4" / "default" / "sds" / "model"
@@ -258,9 +258,11 @@ def test_invalid_config_fails_before_any_work(tmp_path):
 def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
     """prune1 keeps each layer's input statistics; for layer 0 (nothing pruned upstream) they must equal
     the moments of the dense cache through the dense layer, recomputed here independently."""
-    from sds.io import iter_parquet_tensors, load_tensors_with_metadata
-    from sds.layerwise import StatsAccumulator, collect_stats
-    from sds.model import decoder_layers, layer_kwargs, load_model
+    from sds.storage.parquet import iter_parquet_tensors
+    from sds.storage.safetensors import load_tensors_with_metadata
+    from sds.model.statistics import StatsAccumulator, collect_stats
+    from sds.model.decoder import decoder_layers, layer_kwargs
+    from sds.model.loading import load_model
 
     work, _, _ = micro_run
     r = work / "results" / "micro"
@@ -280,9 +282,9 @@ def test_prune1_saves_the_statistics_reconstruction_fits_on(micro_run):
 
 
 def test_dense_stream_target_without_a_stream_cache_is_named(micro_run):
-    from sds.io import CorruptFileError
-    from sds.model import LayerwiseModel
-    from sds.passes import layer_statistics
+    from sds.core.errors import CorruptFileError
+    from sds.model.loading import LayerwiseModel
+    from sds.model.passes import layer_statistics
 
     work, _, _ = micro_run
     r = work / "results" / "micro"

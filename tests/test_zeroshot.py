@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 
-from sds import zeroshot
-from sds.config import ConfigError, validate_config
-from sds.corpus import CHOICE_TASKS, NUMBERS, choice_items, generate_corpus
+from sds.core import tasksets
+from sds.evaluation import zeroshot
+from sds.core.errors import ConfigError
+from sds.core.config import validate_config
+from sds.demo.corpus import CHOICE_TASKS, NUMBERS, choice_items, generate_corpus
 
 # --- tiny records in the real formats of each task's Hugging Face dataset --------------------------------
 
@@ -58,7 +60,7 @@ WITH_ACC_NORM = {"openbookqa", "piqa", "hellaswag", "arc_easy", "arc_challenge"}
 
 def write_records(root, tasks=RECORDS, suffix=".jsonl"):
     for name in tasks:
-        for split, rel in zeroshot.task_spec(name)["dataset_kwargs"]["data_files"].items():
+        for split, rel in tasksets.task_spec(name)["dataset_kwargs"]["data_files"].items():
             path = (root / rel).with_suffix(suffix)
             path.parent.mkdir(parents=True, exist_ok=True)
             if suffix == ".parquet":
@@ -75,7 +77,7 @@ def random_lm():
     """A random tiny OPT with a BPE tokenizer trained on generated text (no training of the model)."""
     from transformers import OPTForCausalLM
 
-    from sds.modelbuild import make_opt_config, train_tokenizer
+    from sds.demo.builder import make_opt_config, train_tokenizer
 
     tok = train_tokenizer(generate_corpus(30, 0), 300)
     torch.manual_seed(0)
@@ -86,17 +88,17 @@ def random_lm():
 # --- task names, files and config ------------------------------------------------------------------------
 
 def test_task_sets_name_shipped_yamls():
-    assert zeroshot.resolve_tasks("sds") == ["copa", "lambada_openai", "openbookqa", "piqa", "rte",
+    assert tasksets.resolve_tasks("sds") == ["copa", "lambada_openai", "openbookqa", "piqa", "rte",
                                              "storycloze_2016", "winogrande"]
-    assert zeroshot.resolve_tasks("wanda") == ["boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+    assert tasksets.resolve_tasks("wanda") == ["boolq", "rte", "hellaswag", "winogrande", "arc_easy",
                                                "arc_challenge", "openbookqa"]
-    assert zeroshot.resolve_tasks(["sds", "wanda", "builtin"])[-3:] == list(CHOICE_TASKS)
-    assert len(zeroshot.resolve_tasks(["sds", "wanda"])) == 11
-    assert zeroshot.resolve_tasks(["rte", "copa", "rte"]) == ["rte", "copa"]
+    assert tasksets.resolve_tasks(["sds", "wanda", "builtin"])[-3:] == list(CHOICE_TASKS)
+    assert len(tasksets.resolve_tasks(["sds", "wanda"])) == 11
+    assert tasksets.resolve_tasks(["rte", "copa", "rte"]) == ["rte", "copa"]
     with pytest.raises(ValueError, match="unknown zero-shot task 'hellaswagg'"):
-        zeroshot.resolve_tasks(["hellaswagg"])
-    for name in zeroshot.available_tasks():
-        spec = zeroshot.task_spec(name)
+        tasksets.resolve_tasks(["hellaswagg"])
+    for name in tasksets.available_tasks():
+        spec = tasksets.task_spec(name)
         assert spec["task"] == name and spec["dataset_path"] == "json"
         assert all(rel.startswith(f"{name}/") for rel in spec["dataset_kwargs"]["data_files"].values())
         assert name in RECORDS or name in CHOICE_TASKS, f"{name}: no test records"
@@ -133,9 +135,9 @@ def test_missing_task_file_fails_the_stage_before_evaluation(tmp_path, capsys):
                f"out={tmp_path / 'e.json'}"])
     err = capsys.readouterr().err
     assert rc == 1 and "winogrande" in err and str(tmp_path / "data" / "winogrande" / "validation.jsonl") in err
-    from sds import eval_stages as stages
+    from sds.stages import evaluate as stages
 
-    with pytest.raises(zeroshot.TaskDataError, match=r"task 'winogrande': data file .*validation.jsonl"):
+    with pytest.raises(tasksets.TaskDataError, match=r"task 'winogrande': data file .*validation.jsonl"):
         stages.evaluate(cfg, model_dir=str(tmp_path / "no-model"), corpus_dir=None, out=str(tmp_path / "e.json"))
     assert not (tmp_path / "e.json").exists()
 
@@ -146,8 +148,8 @@ def test_every_shipped_task_runs_offline_on_local_records(tmp_path, random_lm, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok = random_lm
-    names = zeroshot.resolve_tasks(["sds", "wanda"])
-    files = zeroshot.task_files(names, write_records(tmp_path), None)
+    names = tasksets.resolve_tasks(["sds", "wanda"])
+    files = tasksets.task_files(names, write_records(tmp_path), None)
     out = zeroshot.evaluate_zeroshot(model, tok, files, batch_size=8, bootstrap_iters=0)
     assert list(out["tasks"]) == names
     for name, row in out["tasks"].items():
@@ -192,7 +194,7 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, 
 
 def test_parquet_data_and_limit(tmp_path, random_lm):
     model, tok = random_lm
-    files = zeroshot.task_files(["rte", "winogrande"], write_records(tmp_path, ["rte", "winogrande"], ".parquet"), None)
+    files = tasksets.task_files(["rte", "winogrande"], write_records(tmp_path, ["rte", "winogrande"], ".parquet"), None)
     assert files["rte"]["validation"].suffix == ".parquet"
     out = zeroshot.evaluate_zeroshot(model, tok, files, batch_size=4, limit=1)
     assert {row["n"] for row in out["tasks"].values()} == {1}
@@ -240,7 +242,7 @@ def test_builtin_items_are_deterministic_and_well_formed():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small model trained on the generated corpus: enough to learn the grammar the tasks probe."""
-    from sds.modelbuild import build_model
+    from sds.demo.builder import build_model
 
     root = tmp_path_factory.mktemp("trained")
     threads = torch.get_num_threads()
@@ -255,26 +257,29 @@ def trained(tmp_path_factory):
 
 def _magnitude_weights(model, sparsity) -> dict:
     """Every decoder linear's weight, magnitude-pruned (a checkpoint's weights.safetensors content)."""
-    from sds.model import decoder_layers, decoder_layers_prefix, find_linears
-    from sds.pruners import parse_pattern, prune
+    from sds.model.decoder import decoder_layers, decoder_layers_prefix, find_linears
+    from sds.core.patterns import parse_pattern
+    from sds.algorithms.dispatch import prune
 
     pattern, prefix = parse_pattern(f"unstructured:{sparsity}"), decoder_layers_prefix(model)
-    return {f"{prefix}.{i}.{name}.weight": prune("magnitude", lin.weight.detach(), pattern)[0]
+    return {f"{prefix}.{i}.{name}.weight": prune("magnitude", lin.weight.detach(), pattern, {})[0]
             for i, layer in enumerate(decoder_layers(model)) for name, lin in find_linears(layer).items()}
 
 
 def test_builtin_tasks_discriminate_dense_from_heavily_pruned(trained, monkeypatch):
     """Through the pipeline's own stages: zeroshot_tasks writes the tasks, evaluate scores a checkpoint
     (dense, then 90% magnitude-pruned weights) and logs the results to its JSON and MLflow metrics."""
-    from sds import eval_stages as stages
-    from sds.io import read_json, save_tensors
-    from sds.model import load_model
+    from sds.stages import build as build_stages
+    from sds.stages import evaluate as stages
+    from sds.storage.documents import read_json
+    from sds.storage.safetensors import save_tensors
+    from sds.model.loading import load_model
 
     (trained / "held_out.txt").write_text(generate_corpus(10, 99))
     cfg = validate_config({"run": "t", "threads": 1, "mlflow": {"enabled": False},
                            "evaluate": {"datasets": {"held_out": str(trained / "held_out.txt")},
                                         "zeroshot": {"builtin_items": 150}}})
-    stages.zeroshot_tasks(cfg, out=str(trained / "tasks"))
+    build_stages.zeroshot_tasks(cfg, out=str(trained / "tasks"))
     assert sorted(p.name for p in (trained / "tasks").iterdir() if p.is_dir()) == sorted(CHOICE_TASKS)
     tracked = []
     monkeypatch.setattr(stages, "track_stage", lambda config, stage, **kw: tracked.append((stage, kw["metrics"])))
@@ -312,7 +317,7 @@ def _eval(stage, method="", pattern="", recon="", acc=0.5):
 
 
 def test_report_has_zero_shot_table_and_csv_and_keeps_summary_columns(tmp_path):
-    from sds.report import SUMMARY_COLUMNS, build_report
+    from sds.report.report import SUMMARY_COLUMNS, build_report
 
     cfg = validate_config({"run": "t"})
     evals = []

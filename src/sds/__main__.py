@@ -1,3 +1,4 @@
+"""`python -m sds`: the same command line as `python -m sds.cli`."""
 import sys
 
 from .cli import main

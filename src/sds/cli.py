@@ -12,12 +12,12 @@ import logging
 import os
 import sys
 import warnings
+from importlib import import_module
+
+from .stages import MODULES
 
 LIST_KEYS = {"evals", "benchmarks", "checkpoints", "parts"}
-COMPRESSION_STAGES = ("corpus", "build_model", "calibration", "layer_inputs", "activations", "prune1", "prune1_adjust",
-                      "reconstruct", "reconstruct_one_layer", "reconstruct_gather", "prune2")  # in sds.stages
-EVALUATION_STAGES = ("export", "zeroshot_tasks", "evaluate", "report")  # in sds.eval_stages
-STAGES = COMPRESSION_STAGES + EVALUATION_STAGES
+STAGES = tuple(MODULES)
 
 
 def _parse_pairs(pairs: list[str]) -> dict:
@@ -44,16 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s sds %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    from .config import ConfigError, load_config_file, validate_config
-    from .data import DataError
-    from .io import CorruptFileError
-    from .layerwise import NumericalError
-    from .model import ModelError
+    from .core.config import load_config_file, validate_config
+    from .core.errors import EXPECTED, ConfigError, CorruptFileError
+    from .core.stage_keys import stage_config
 
     config = None
     try:
         if args.stage == "sync":
-            from .tracking import sync_pending
+            from .tracking.stage_runs import sync_pending
 
             done, left = sync_pending(args.run)
             print(f"sds sync: {done} record(s) logged, {left} still pending")
@@ -68,15 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "validate":
             print(json.dumps(config, indent=2, sort_keys=True))
             return 0
-        if args.stage in EVALUATION_STAGES:
-            from . import eval_stages as stage_module
-        else:
-            from . import stages as stage_module
-        getattr(stage_module, args.stage)(config, **_parse_pairs(args.pairs))
+        kwargs = _parse_pairs(args.pairs)
+        stage_module = import_module(f"{__package__}.stages.{MODULES[args.stage]}")
+        # the stage sees only the config keys it is listed with (core.stage_keys), so none goes stale
+        sliced = stage_config(config, args.stage, method=kwargs.get("method"), recon=kwargs.get("recon"))
+        getattr(stage_module, args.stage)(sliced, **kwargs)
         return 0
     except CorruptFileError as exc:
         return _fail(args.stage, _corrupt_file_message(exc, config))
-    except (ConfigError, ModelError, DataError, NumericalError, FloatingPointError, FileNotFoundError) as exc:
+    except EXPECTED as exc:
         return _fail(args.stage, str(exc))
     except OSError as exc:
         message = _write_error_message(exc)
@@ -93,15 +91,14 @@ def _fail(stage: str, message: str) -> int:
 
 def _corrupt_file_message(exc, config: dict) -> str:
     """The error, and what was done about it: the output of this run holding the file is deleted (so the
-    next `snakemake` run re-creates it) only if the run's own record says it wrote it (sds.io.recorded_output);
-    a user's file, a copy or another run's output is left alone."""
-    from pathlib import Path
-
-    from .io import HOW_TO_RECREATE, discard_stage_output
+    next `snakemake` run re-creates it) only if the run's own record says it wrote it
+    (sds.storage.records.recorded_output); a user's file, a copy or another run's output is left alone."""
+    from .core.errors import HOW_TO_RECREATE
+    from .core.layout import run_dir
+    from .storage.records import discard_stage_output
 
     reason = str(exc).removesuffix(f"; {HOW_TO_RECREATE}")
-    # results/<run>/ below the working directory: where the Snakefile puts this run's outputs
-    removed = discard_stage_output(exc.path, Path("results") / config["run"]) if exc.path and config else None
+    removed = discard_stage_output(exc.path, run_dir(config["run"])) if exc.path and config else None
     if removed is not None:
         return (f"{reason}. Removed {os.path.relpath(removed)} (an output this run wrote) so that the next "
                 "`snakemake` run re-creates it.")
@@ -111,11 +108,12 @@ def _corrupt_file_message(exc, config: dict) -> str:
 
 def _write_error_message(exc: OSError) -> str | None:
     """One line for a failed write (disk full, file-size limit, read-only or foreign folder) or another
-    refused file operation, or None for other errors. A failed output write (sds.io.OutputWriteError)
+    refused file operation, or None for other errors. A failed output write (sds.core.errors.OutputWriteError)
     names the output file, and its temporary has been removed."""
     import errno
 
-    from .io import WRITE_ERRNOS, OutputWriteError
+    from .core.errors import OutputWriteError
+    from .storage.atomic import WRITE_ERRNOS
 
     if isinstance(exc, OutputWriteError):
         remedy = ("make room and re-run" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -6,18 +6,18 @@
 rule layer_inputs:
     input:
         model=MODEL_INPUT,
-        calibration=f"{R}/calibration.parquet",
+        calibration=L.calibration,
     output:
         directory(INPUTS),
     params:
-        deps=slice_of("device", "model.dtype", "activations.row_group_size", "forward_batch"),
+        deps=keys_of("layer_inputs"),
     threads: THREADS
     resources:
         **rule_resources("layer_inputs"),
     log:
-        f"{R}/logs/layer_inputs.log",
+        L.log("layer_inputs"),
     benchmark:
-        f"{R}/benchmarks/layer_inputs/layer_inputs.tsv"
+        L.benchmark("layer_inputs")
     shell:
         "{STAGE} layer_inputs --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
         "out={output:q} 2>&1 | tee {log:q}"
@@ -26,18 +26,18 @@ rule layer_inputs:
 rule activations:
     input:
         model=MODEL_INPUT,
-        calibration=f"{R}/calibration.parquet",
+        calibration=L.calibration,
     output:
         directory(DENSE),
     params:
-        deps=slice_of("threads", "device", "model.dtype", "activations", "forward_batch"),
+        deps=keys_of("activations"),
     threads: THREADS
     resources:
         **rule_resources("activations"),
     log:
-        f"{R}/logs/activations.log",
+        L.log("activations"),
     benchmark:
-        f"{R}/benchmarks/activations/activations.tsv"
+        L.benchmark("activations")
     shell:
         "{STAGE} activations --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
         "out={output:q} 2>&1 | tee {log:q}"

@@ -3,17 +3,17 @@
 rule calibration:
     input:
         model=MODEL_INPUT,
-        corpus=f"{R}/corpus" if BUILTIN else [],
+        corpus=L.corpus if BUILTIN else [],
         text=CALIBRATION_TEXT,
     output:
-        f"{R}/calibration.parquet",
+        L.calibration,
     params:
-        deps=slice_of("seed", "calibration", "model.source"),
-        corpus_arg=f"corpus_dir={R}/corpus" if BUILTIN else "",
+        deps=keys_of("calibration"),
+        corpus_arg=f"corpus_dir={L.corpus}" if BUILTIN else "",
     log:
-        f"{R}/logs/calibration.log",
+        L.log("calibration"),
     benchmark:
-        f"{R}/benchmarks/calibration/calibration.tsv"
+        L.benchmark("calibration")
     shell:
         "{STAGE} calibration --config {CONFIG_JSON} model_dir={MODEL:q} {params.corpus_arg} out={output:q} "
         "2>&1 | tee {log:q}"

@@ -4,19 +4,19 @@
 rule export_checkpoint:
     input:
         model=MODEL_INPUT,
-        ckpt=f"{R}/{{method}}/{{pattern}}/{{stage}}",
+        ckpt=L.checkpoint(),
     output:
-        directory(f"{R}/export/{{method}}/{{pattern}}/{{stage}}"),
+        directory(L.export()),
     wildcard_constraints:
         stage="prune1|prune1_adjust",
     params:
-        deps=slice_of("model.source"),
+        deps=keys_of("export"),
     resources:
         **rule_resources("export_checkpoint"),
     log:
-        f"{R}/logs/export/{{method}}_{{pattern}}_{{stage}}.log",
+        L.log("export", "{method}", "{pattern}", "{stage}"),
     benchmark:
-        f"{R}/benchmarks/export/{{method}}_{{pattern}}_{{stage}}.tsv"
+        L.benchmark("export", "{method}", "{pattern}", "{stage}")
     shell:
         "{STAGE} export --config {CONFIG_JSON} model_dir={MODEL:q} checkpoint={input.ckpt:q} stage={wildcards.stage} "
         "method={wildcards.method} pattern={wildcards.pattern} out={output:q} 2>&1 | tee {log:q}"
@@ -24,5 +24,5 @@ rule export_checkpoint:
 
 rule export:
     input:
-        [f"{R}/export/{m}/{p}/{s}" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")]
-        + [f"{R}/{m}/{p}/{r}/sds" for m in METHODS for p in PATTERNS for r in RECONS],
+        [L.export(m, p, s) for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")]
+        + [L.sds(m, p, r) for m in METHODS for p in PATTERNS for r in RECONS],

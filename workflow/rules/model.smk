@@ -7,30 +7,30 @@ rule corpus:
     input:
         texts=[_CORPUS["train_path"], _CORPUS["test_path"]] if BUILTIN and _CORPUS["source"] == "text" else [],
     output:
-        directory(f"{R}/corpus"),
+        directory(L.corpus),
     params:
-        deps=slice_of("seed", "model.builtin.corpus"),
+        deps=keys_of("corpus"),
     log:
-        f"{R}/logs/corpus.log",
+        L.log("corpus"),
     benchmark:
-        f"{R}/benchmarks/corpus/corpus.tsv"
+        L.benchmark("corpus")
     shell:
         "{STAGE} corpus --config {CONFIG_JSON} out={output:q} 2>&1 | tee {log:q}"
 
 
 rule build_model:
     input:
-        corpus=f"{R}/corpus",
+        corpus=L.corpus,
     output:
-        directory(f"{R}/model"),
+        directory(L.model),
     params:
-        deps=slice_of("seed", "model.builtin"),
+        deps=keys_of("build_model"),
     threads: RESOLVED["model"]["builtin"]["threads"]
     resources:
         **rule_resources("build_model"),
     log:
-        f"{R}/logs/build_model.log",
+        L.log("build_model"),
     benchmark:
-        f"{R}/benchmarks/build_model/build_model.tsv"
+        L.benchmark("build_model")
     shell:
         "{STAGE} build_model --config {CONFIG_JSON} corpus_dir={input.corpus:q} out={output:q} 2>&1 | tee {log:q}"

@@ -5,17 +5,17 @@ rule prune1:
         model=MODEL_INPUT,
         inputs=INPUTS,
     output:
-        directory(f"{R}/{{method}}/{{pattern}}/prune1"),
+        directory(L.prune1()),
     params:
-        deps=pruner_slice("threads", "device", "model.dtype", "activations", "forward_batch"),
+        deps=keys_of("prune1"),
         cache_stream="true" if PRUNED_STREAM else "false",
     threads: THREADS
     resources:
         **rule_resources("prune1"),
     log:
-        f"{R}/logs/prune1/{{method}}_{{pattern}}.log",
+        L.log("prune1", "{method}", "{pattern}"),
     benchmark:
-        f"{R}/benchmarks/prune1/{{method}}_{{pattern}}.tsv"
+        L.benchmark("prune1", "{method}", "{pattern}")
     shell:
         "{STAGE} prune1 --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
         "method={wildcards.method} pattern={wildcards.pattern} cache_stream={params.cache_stream} out={output:q} "
@@ -27,20 +27,19 @@ rule prune1_adjust:
         model=MODEL_INPUT,
         inputs=INPUTS,
         dense=DENSE if ADJUST_NEEDS_DENSE else [],
-        prune1=f"{R}/{{method}}/{{pattern}}/prune1",
+        prune1=L.prune1(),
     output:
-        directory(f"{R}/{{method}}/{{pattern}}/prune1_adjust"),
+        directory(L.checkpoint(stage="prune1_adjust")),
     params:
-        deps=slice_of("threads", "device", "model.dtype", "forward_batch", "prune2.adjust", "prune2.adjust_steps",
-                      "prune2.adjust_target", "prune2.percdamp"),
+        deps=keys_of("prune1_adjust"),
         dense_arg=f"dense_dir={DENSE}" if ADJUST_NEEDS_DENSE else "",
     threads: THREADS
     resources:
         **rule_resources("prune1_adjust"),
     log:
-        f"{R}/logs/prune1_adjust/{{method}}_{{pattern}}.log",
+        L.log("prune1_adjust", "{method}", "{pattern}"),
     benchmark:
-        f"{R}/benchmarks/prune1_adjust/{{method}}_{{pattern}}.tsv"
+        L.benchmark("prune1_adjust", "{method}", "{pattern}")
     shell:
         "{STAGE} prune1_adjust --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} "
         "{params.dense_arg} prune1_dir={input.prune1:q} out={output:q} 2>&1 | tee {log:q}"

@@ -5,21 +5,20 @@ rule prune2:
         model=MODEL_INPUT,
         inputs=INPUTS,
         dense=DENSE if ADJUST_NEEDS_DENSE else [],
-        prune1=f"{R}/{{method}}/{{pattern}}/prune1",
-        reconstruct=lambda wc: f"{R}/{wc.method}/{wc.pattern}/{RECON_SOURCE[wc.recon]}/reconstruct",
+        prune1=L.prune1(),
+        reconstruct=lambda wc: L.reconstruct(wc.method, wc.pattern, RECON_SOURCE[wc.recon]),
     output:
-        directory(f"{R}/{{method}}/{{pattern}}/{{recon}}/sds"),
+        directory(L.sds()),
     params:
-        deps=lambda wc: json.dumps({"pruner": json.loads(pruner_slice("threads", "device", "model.dtype", "forward_batch")(wc)),
-                                    "prune2": second_prune_settings(RESOLVED, wc.recon)}, sort_keys=True),
+        deps=keys_of("prune2"),
         dense_arg=f"dense_dir={DENSE}" if ADJUST_NEEDS_DENSE else "",
     threads: THREADS
     resources:
         **rule_resources("prune2"),
     log:
-        f"{R}/logs/prune2/{{method}}_{{pattern}}_{{recon}}.log",
+        L.log("prune2", "{method}", "{pattern}", "{recon}"),
     benchmark:
-        f"{R}/benchmarks/prune2/{{method}}_{{pattern}}_{{recon}}.tsv"
+        L.benchmark("prune2", "{method}", "{pattern}", "{recon}")
     shell:
         "{STAGE} prune2 --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} {params.dense_arg} "
         "prune1_dir={input.prune1:q} reconstruct_dir={input.reconstruct:q} method={wildcards.method} "

@@ -1,25 +1,25 @@
 # The report: Markdown + CSV tables, seconds per stage, plots; merged into results/summary.csv.
 
-EVALS = [f"{R}/eval/dense.json"] + [
-    f"{R}/eval/{m}/{p}/{s}.json" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")
-] + [f"{R}/eval/{m}/{p}/{r}/sds.json" for m in METHODS for p in PATTERNS for r in RECONS]
+ONE_SHOT = ("prune1", "prune1_adjust")
+EVALS = [L.evaluation()] + [L.evaluation(m, p, s) for m in METHODS for p in PATTERNS for s in ONE_SHOT]
+EVALS += [L.evaluation(m, p, "sds", r) for m in METHODS for p in PATTERNS for r in RECONS]
 # Every sparse checkpoint folder (its layers.json: per-linear errors by stage), and the first method and
 # pattern's dense reconstruction (for the weight histograms, drawn for the first folder's method and pattern).
-CKPTS = [f"{R}/{m}/{p}/{s}" for m in METHODS for p in PATTERNS for s in ("prune1", "prune1_adjust")]
-CKPTS += [f"{R}/{m}/{p}/{r}/sds" for m in METHODS for p in PATTERNS for r in RECONS]
-CKPTS += [f"{R}/{METHODS[0]}/{PATTERNS[0]}/{RECON_SOURCE[RECONS[0]]}/reconstruct"]
+CKPTS = [L.checkpoint(m, p, s) for m in METHODS for p in PATTERNS for s in ONE_SHOT]
+CKPTS += [L.sds(m, p, r) for m in METHODS for p in PATTERNS for r in RECONS]
+CKPTS += [L.reconstruct(METHODS[0], PATTERNS[0], RECON_SOURCE[RECONS[0]])]
 
-_B = f"{R}/benchmarks"
 DENSE_NEEDED = ADJUST_NEEDS_DENSE or any(recon_needs_dense(r) for r in RECONS)
-BENCHMARKS = [f"{_B}/{s}/{s}.tsv" for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]
+BENCHMARKS = [L.benchmark(s) for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]
               + (["activations"] if DENSE_NEEDED else [])]
-BENCHMARKS += [f"{_B}/{s}/{m}_{p}.tsv" for s in ("prune1", "prune1_adjust") for m in METHODS for p in PATTERNS]
-BENCHMARKS += [f"{_B}/reconstruct/{m}_{p}_{r}.tsv" for m in METHODS for p in PATTERNS for r in dict.fromkeys(RECON_SOURCE.values())]
-BENCHMARKS += [f"{_B}/prune2/{m}_{p}_{r}.tsv" for m in METHODS for p in PATTERNS for r in RECONS]
-BENCHMARKS += [f"{_B}/evaluate/dense.tsv"] + [f"{_B}/evaluate/{m}_{p}_{s}.tsv" for m in METHODS for p in PATTERNS
-                                              for s in ("prune1", "prune1_adjust")]
-BENCHMARKS += [f"{_B}/evaluate/{m}_{p}_{r}_sds.tsv" for m in METHODS for p in PATTERNS for r in RECONS]
-BENCHMARKS += [f"{_B}/zeroshot_tasks/zeroshot_tasks.tsv"] if ZS_TASKS else []
+BENCHMARKS += [L.benchmark(s, m, p) for s in ONE_SHOT for m in METHODS for p in PATTERNS]
+BENCHMARKS += [L.benchmark("reconstruct", m, p, r) for m in METHODS for p in PATTERNS
+               for r in dict.fromkeys(RECON_SOURCE.values())]
+BENCHMARKS += [L.benchmark("prune2", m, p, r) for m in METHODS for p in PATTERNS for r in RECONS]
+BENCHMARKS += [L.benchmark("evaluate", "dense")] + [L.benchmark("evaluate", m, p, s) for m in METHODS for p in PATTERNS
+                                                    for s in ONE_SHOT]
+BENCHMARKS += [L.benchmark("evaluate", m, p, r, "sds") for m in METHODS for p in PATTERNS for r in RECONS]
+BENCHMARKS += [L.benchmark("zeroshot_tasks")] if ZS_TASKS else []
 
 
 rule report:
@@ -27,18 +27,18 @@ rule report:
         evals=EVALS,
         checkpoints=CKPTS,
     output:
-        report=f"{R}/report/report.md",
-        table=f"{R}/report/table.csv",
-        zeroshot=f"{R}/report/zeroshot.csv",
+        report=L.report_md,
+        table=L.report_table,
+        zeroshot=L.report_zeroshot,
     params:
-        deps=slice_of("report", "evaluate.datasets"),
+        deps=keys_of("report"),
         evals=lambda wc, input: " ".join(f"evals={e}" for e in input.evals),
         ckpts=lambda wc, input: " ".join(f"checkpoints={c}" for c in input.checkpoints),
         benchmarks=lambda wc: " ".join(f"benchmarks={b}" for b in BENCHMARKS),
     log:
-        f"{R}/logs/report.log",
+        L.log("report"),
     benchmark:
-        f"{R}/benchmarks/report/report.tsv"
+        L.benchmark("report")
     shell:
         "{STAGE} report --config {CONFIG_JSON} {params.evals} {params.ckpts} {params.benchmarks} "
-        "model_dir={MODEL:q} out={R}/report summary_csv=results/summary.csv 2>&1 | tee {log:q}"
+        "model_dir={MODEL:q} out={L.report_dir} summary_csv={SUMMARY_CSV} 2>&1 | tee {log:q}"

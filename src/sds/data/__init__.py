@@ -1,0 +1,1 @@
+"""Data: text sources and tokenisation (`texts`), calibration and perplexity windows (`windows`)."""

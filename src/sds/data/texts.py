@@ -1,0 +1,91 @@
+"""Text sources (built-in corpus, local files, `datasets` cache) and tokenisation."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..core.errors import DataError
+
+
+def hub_offline() -> None:
+    """Nothing is downloaded at run time: `datasets` and the Hub client read local files and caches only.
+    Sets HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 unless the user set them, also in modules that have
+    already read them at import."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
+    ds = os.environ["HF_DATASETS_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = hub
+    if "datasets.config" in sys.modules:
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = ds
+        sys.modules["datasets.config"].HF_DATASETS_OFFLINE = ds
+
+
+def read_text_source(source: str, *, text_field: str = "text", builtin_text: str | Path | None = None,
+                     split: str = "train") -> str:
+    """The text of a source: 'builtin' (a file the corpus stage wrote, read as it is), a .txt/.jsonl/.parquet
+    path, or 'hf:<dataset>[:<config>[:<split>]]' read from the local `datasets` cache (offline: see
+    `hub_offline`). Records are joined with blank lines, the SparseGPT/Wanda `"\n\n".join(data["text"])`;
+    a .txt file's records are its lines as the `datasets` WikiText loader yields them (see `join_lines`), so
+    a local wiki.test.raw gives the same text as hf:wikitext:wikitext-2-raw-v1:test."""
+    if source == "builtin":
+        if builtin_text is None:
+            raise DataError("text source 'builtin' needs the built-in corpus")
+        return _read_file(Path(builtin_text), text_field, as_lines=False)
+    if source.startswith("hf:"):
+        return _read_datasets(source, text_field, split)
+    return _read_file(Path(source), text_field)
+
+
+def join_lines(text: str) -> str:
+    """A text file as WikiText's `datasets` rows — one per line, newline kept, whitespace-only lines
+    empty — joined with "\n\n"."""
+    lines = text.split("\n")
+    rows = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    return "\n\n".join(row if row.strip() else "" for row in rows)
+
+
+def _read_file(path: Path, text_field: str, as_lines: bool = True) -> str:
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(str(path), columns=[text_field])
+            return "\n\n".join(str(x) for x in table.column(text_field).to_pylist())
+        if suffix in (".jsonl", ".json"):
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return "\n\n".join(str(r[text_field]) for r in records)
+        text = path.read_text(encoding="utf-8")
+        return join_lines(text) if as_lines else text
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
+    except Exception as exc:  # pyarrow errors
+        raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
+
+
+def _read_datasets(source: str, text_field: str, default_split: str) -> str:
+    parts = source[3:].split(":")
+    name, cfg = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    split = parts[2] if len(parts) > 2 else default_split
+    hub_offline()
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, cfg, split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}) from the local datasets cache: {exc}") from None
+    return "\n\n".join(str(x) for x in ds[text_field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text, tokenised once, no special tokens added (1-D long tensor)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, achieved sparsity and N:M checks (`perplexity`), zero-shot accuracy (`zeroshot`)."""

@@ -1,0 +1,159 @@
+"""The report's figures, built from the run's results as matplotlib Figures (nothing written here; `plots`
+draws them): perplexity increase over dense, per-linear errors, zero-shot accuracy, seconds per stage,
+weight histograms (each histogram reads only the tensor it draws)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.layout import WEIGHTS
+from ..storage.digests import sidecar
+from ..storage.safetensors import SafetensorsFile, TensorReader
+from .inputs import Checkpoint, layer_errors
+from .plots import (STAGE_ORDER, Bar, LayerErrors, Panel, gid, grouped_bars_figure, histogram_figure,
+                    layer_errors_figure, make_series, order_groups, seconds_figure)
+
+
+@dataclass
+class Plot:
+    """One report figure: its file name, the Figure, and the sentence the Markdown says about it."""
+    name: str
+    figure: object
+    caption: str
+
+
+def figures(config: dict, results: list[dict], seconds: dict[str, float], checkpoints: list[Checkpoint],
+            model_dir: str, errors: list[LayerErrors] | None = None) -> list[Plot]:
+    """Every report figure the run has data for, as Figures (nothing written): the perplexity increase
+    over dense, the per-linear errors, zero-shot accuracy, seconds per stage, weight histograms."""
+    plots = [Plot("ppl.png", ppl_figure(results, list(config["evaluate"]["datasets"])),
+                  "**Perplexity increase over the dense model**, in % of the dense perplexity (absolute perplexity "
+                  "in brackets), one group per method and pattern: compare the SDS bar with one-shot and one-shot "
+                  "+ adjust in each group — the gap between those two bars and SDS is what the dense phase adds.")]
+    errors = layer_errors(checkpoints) if errors is None else errors
+    fig = layer_errors_figure(errors)
+    if fig is not None:
+        plots.append(Plot("layer_errors.png", fig,
+                          "**Where SDS helps inside the model**: the relative output error of every linear after "
+                          "each stage (log scale; a grey line joins one linear's stages): look for linears whose "
+                          "SDS marker sits clearly below one-shot + adjust — those the dense phase improved."))
+    fig = zeroshot_figure(results)
+    if fig is not None:
+        plots.append(Plot("zeroshot.png", fig,
+                          "**Zero-shot mean accuracy minus dense**, in points, with ± 1 stderr bars (the grey band "
+                          "is the dense model's ± 1 stderr): differences smaller than the error bars are noise."))
+    fig = seconds_figure(seconds)
+    if fig is not None:
+        plots.append(Plot("seconds.png", fig,
+                          "**Seconds per stage**, the jobs of a stage summed: the longest bars are where a run (and "
+                          "a re-run after a change to that stage's settings) spends its time."))
+    hist = _histograms(config, model_dir, checkpoints)
+    if hist is not None:
+        plots.append(hist)
+    return plots
+
+
+def ppl_figure(results: list[dict], datasets: list[str]):
+    """Perplexity increase over dense (%) per (method, pattern) and stage, one panel per dataset."""
+    pruned = [r for r in results if r["method"]]
+    groups = order_groups([(r["method"], r["pattern"]) for r in pruned])
+    series = make_series([(r["stage"], r["recon"]) for r in pruned])
+    panels = []
+    for ds in datasets:
+        dense = next((r["ppl"][ds] for r in results if r["stage"] == "dense"), None)
+        panel = Panel(f"{ds}: dense PPL {dense:.3f}" if dense else f"{ds}: perplexity (no dense evaluation)")
+        for r in pruned:
+            ppl = r["ppl"][ds]
+            value = 100 * (ppl / dense - 1) if dense else ppl
+            text = (f"{value:+.2f}% ({ppl:.3f})" if abs(value) < 1 else f"{value:+.1f}% ({ppl:.3f})") if dense \
+                else f"{ppl:.3f}"
+            panel.cells[((r["method"], r["pattern"]), (r["stage"], r["recon"]))] = Bar(
+                value, gid=gid(r["method"], r["pattern"], r["stage"], r["recon"]), text=text)
+        panels.append(panel)
+    has_dense = any(r["stage"] == "dense" for r in results)
+    return grouped_bars_figure(
+        groups, series, panels,
+        title="Perplexity increase over the dense model (lower is better)" if has_dense else "Perplexity",
+        xlabel="perplexity increase over dense, %" if has_dense else "perplexity", fmt=lambda v: f"{v:.1f}")
+
+
+def zeroshot_figure(results: list[dict]):
+    """Mean zero-shot accuracy minus dense (points) per (method, pattern) and stage, ± stderr."""
+    scored = [r for r in results if (r.get("zeroshot") or {}).get("mean", {}).get("acc") is not None]
+    pruned = [r for r in scored if r["method"]]
+    if not pruned:
+        return None
+    dense = next((r["zeroshot"]["mean"] for r in scored if r["stage"] == "dense"), None)
+    tasks = list(pruned[0]["zeroshot"].get("tasks", {}))
+    base = dense["acc"] if dense else 0.0
+    scale = 100 if dense else 1
+    se0 = dense.get("acc_stderr") if dense else None
+    title = (f"mean acc over {len(tasks)} tasks — dense {base:.3f}" + (f" ± {se0:.3f}" if se0 is not None else "")
+             if dense else f"mean acc over {len(tasks)} tasks (no dense evaluation)")
+    panel = Panel(title, band=(-scale * se0, scale * se0) if se0 else None)
+    for r in pruned:
+        mean = r["zeroshot"]["mean"]
+        value = scale * (mean["acc"] - base)
+        err = scale * mean["acc_stderr"] if mean.get("acc_stderr") is not None else None
+        panel.cells[((r["method"], r["pattern"]), (r["stage"], r["recon"]))] = Bar(
+            value, err, gid(r["method"], r["pattern"], r["stage"], r["recon"]),
+            text=f"{value:+.1f} ({mean['acc']:.3f})" if dense else f"{mean['acc']:.3f}")
+    return grouped_bars_figure(
+        order_groups([(r["method"], r["pattern"]) for r in pruned]),
+        make_series([(r["stage"], r["recon"]) for r in pruned]), [panel],
+        title="Zero-shot mean accuracy minus dense, ± 1 stderr (higher is better)" if dense
+        else "Zero-shot mean accuracy, ± 1 stderr",
+        xlabel="accuracy − dense accuracy, points" if dense else "accuracy", fmt=lambda v: f"{v:.1f}")
+
+
+def _histograms(config, model_dir, checkpoints: list[Checkpoint]) -> Plot | None:
+    """Weight-magnitude histograms of one linear: dense, then the first prune, the dense reconstruction
+    and SDS of the first checkpoint's method and pattern (and its first reconstruction setting)."""
+    if not checkpoints:
+        return None
+    import torch
+
+    first = checkpoints[0]
+    mine = [c for c in checkpoints if (c.method, c.pattern) == (first.method, first.pattern)
+            and c.stage in ("prune1", "reconstruct", "sds")]
+    recon = next((c.recon for c in mine if c.recon), "")
+    mine = sorted((c for c in mine if c.recon in ("", recon)), key=lambda c: STAGE_ORDER.get(c.stage, 9))
+    layer = config["report"]["histogram_layer"]
+    suffix = config["report"]["histogram_linear"]
+    key, dense = _dense_tensor(model_dir, lambda k: f".{layer}." in k and k.endswith(f"{suffix}.weight"))
+    series = [("dense", dense)]
+    for ckpt in mine:
+        series.append((ckpt.path.name, _checkpoint_tensor(ckpt.path / WEIGHTS, key)))
+    drawn = []
+    for name, W in series:
+        if W is None:
+            continue
+        values = W.float().abs().flatten()
+        drawn.append((name, torch.log10(values[values > 0]).numpy()))
+    return Plot("histograms.png", histogram_figure(drawn, str(key)),
+                f"**Weight magnitudes** of `{key}` (decoder layer {layer}) at each stage of "
+                f"{first.method} {first.pattern}: the dense reconstruction re-fills the positions the first "
+                "prune removed; SDS shows which magnitudes the second prune keeps.")
+
+
+def _dense_tensor(model_dir, wanted) -> tuple[str | None, object]:
+    """The first tensor (files in name order, names sorted) of the model folder whose name `wanted`
+    accepts, read alone: (its name, the tensor), or (None, None). Files this project wrote are verified."""
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        reader = TensorReader(f, device="cpu") if sidecar(f).is_file() else SafetensorsFile(f)
+        try:
+            key = next((k for k in sorted(reader.keys()) if wanted(k)), None)
+            if key is not None:
+                return key, reader[key]
+        finally:
+            reader.close()
+    return None, None
+
+
+def _checkpoint_tensor(weights_file: Path, key: str | None):
+    """One tensor of a stage checkpoint (checksum verified), or None where it lacks it."""
+    reader = TensorReader(weights_file, device="cpu")
+    try:
+        return reader[key] if key is not None and key in reader else None
+    finally:
+        reader.close()

@@ -1,0 +1,200 @@
+"""The report: a Markdown table and CSVs of every evaluated checkpoint, seconds per stage (from Snakemake's
+benchmark files) and the figures (`figures`): perplexity increase over dense, per-linear relative errors
+by stage, zero-shot accuracy, seconds per stage, weight histograms."""
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from pathlib import Path
+
+from ..core.layout import ZEROSHOT_SUMMARY_CSV
+from ..storage.atomic import atomic_path
+from ..storage.documents import write_text
+from .figures import figures
+from .inputs import benchmark_seconds, checkpoint_of, layer_errors, read_evals
+from .plots import STAGE_ORDER, LayerErrors, make_series, save_png
+
+SUMMARY_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "dataset", "ppl", "sparsity"]
+
+# Zero-shot results go to their own CSVs (report/zeroshot.csv, results/zeroshot_summary.csv) so that the
+# columns of table.csv / summary.csv stay as they are. task "mean" is the mean over the run's tasks.
+ZEROSHOT_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "task", "acc", "acc_stderr", "acc_norm",
+                    "acc_norm_stderr", "n"]
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    return buf.getvalue()
+
+
+def _merge_summary(path: Path, run: str, rows: list[dict], columns: list[str] = SUMMARY_COLUMNS) -> None:
+    """results/summary.csv keeps one row per evaluated checkpoint of every run; this run's rows replace
+    its previous ones."""
+    kept = []
+    if path.is_file():
+        kept = [r for r in csv.DictReader(path.open()) if r.get("run") != run]
+    with atomic_path(path) as tmp:
+        tmp.write_text(_csv_text(kept + rows, columns))
+
+
+def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Path, summary_csv: Path,
+                 model_dir: str, checkpoints: list[str]) -> list[str]:
+    """Writes report.md, table.csv, zeroshot.csv, seconds.json and the figures into `out`, merges this
+    run's rows into `summary_csv`; returns the paths to log as the report's artifacts. `checkpoints`:
+    the run's checkpoint folders (each one's layers.json feeds the per-linear errors; those of the first
+    one's method and pattern also the weight histograms)."""
+    given = read_evals(evals)
+    results = sorted(given, key=lambda r: (r["method"], r["pattern"], STAGE_ORDER.get(r["stage"], 9), r["recon"]))
+    datasets = list(config["evaluate"]["datasets"])
+    model = config["model"]["source"]
+    rows = []
+    for r in results:
+        for ds in datasets:
+            rows.append({"run": config["run"], "model": model, "method": r["method"] or "-",
+                         "pattern": r["pattern"] or "-", "stage": r["stage"], "recon": r["recon"] or "-",
+                         "dataset": ds, "ppl": f"{r['ppl'][ds]:.4f}", "sparsity": f"{r['sparsity']:.4f}"})
+    seconds = benchmark_seconds(benchmarks)
+    ckpts = [checkpoint_of(c) for c in checkpoints]
+    errors = layer_errors(ckpts)
+    out.mkdir(parents=True, exist_ok=True)
+    table_csv = out / "table.csv"
+    with atomic_path(table_csv) as tmp:
+        tmp.write_text(_csv_text(rows, SUMMARY_COLUMNS))
+    _merge_summary(summary_csv, config["run"], rows)
+    plots = {p.name: p for p in figures(config, given, seconds, ckpts, model_dir, errors)}
+    saved = []
+
+    def figure_lines(name: str) -> list[str]:
+        plot = plots.get(name)
+        if plot is None:
+            return []
+        saved.append(save_png(plot.figure, out / name))
+        return [f"![{Path(name).stem}]({name})", "", plot.caption, ""]
+
+    dense = {ds: next((r["ppl"][ds] for r in results if r["stage"] == "dense"), None) for ds in datasets}
+    lines = [f"# SDS report: run `{config['run']}`", "", f"Model: `{model}`. Perplexity protocol: "
+             f"non-overlapping windows of {config['evaluate']['seqlen']} tokens, mean NLL → exp. "
+             f"Calibration: {config['calibration']['nsamples']} × {config['calibration']['seqlen']} tokens "
+             f"from `{config['calibration']['source']}`.", ""]
+    lines += figure_lines("ppl.png")
+    for ds in datasets:
+        lines += [f"## Perplexity on `{ds}` (dense {dense[ds]:.3f})" if dense[ds] else f"## Perplexity on `{ds}`", "",
+                  "| method | pattern | one-shot | one-shot + adjust | SDS | recon | SDS − one-shot | sparsity (SDS) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["method"], r["pattern"]) for r in results if r["method"]})
+        for method, pattern in keys:
+            group = [r for r in results if (r["method"], r["pattern"]) == (method, pattern)]
+            first = next((r for r in group if r["stage"] == "prune1"), None)
+            adj = next((r for r in group if r["stage"] == "prune1+adjust"), None)
+            for sds in [r for r in group if r["stage"] == "sds"] or [None]:
+                f = lambda r: f"{r['ppl'][ds]:.3f}" if r else "–"
+                delta = f"{sds['ppl'][ds] - first['ppl'][ds]:+.3f}" if sds and first else "–"
+                lines.append(f"| {method} | {pattern} | {f(first)} | {f(adj)} | {f(sds)} | "
+                             f"{sds['recon'] if sds else '–'} | {delta} | {sds['sparsity']:.4f} |" if sds else
+                             f"| {method} | {pattern} | {f(first)} | {f(adj)} | – | – | – | – |")
+        lines.append("")
+    lines += _layer_error_section(errors)
+    lines += figure_lines("layer_errors.png")
+    zs_rows = _zeroshot_rows(config, model, results)
+    with atomic_path(out / "zeroshot.csv") as tmp:
+        tmp.write_text(_csv_text(zs_rows, ZEROSHOT_COLUMNS))
+    _merge_summary(summary_csv.with_name(Path(ZEROSHOT_SUMMARY_CSV).name), config["run"], zs_rows, ZEROSHOT_COLUMNS)
+    lines += _zeroshot_section(results)
+    lines += figure_lines("zeroshot.png")
+    lines += ["## Seconds per stage (Snakemake benchmark wall time)", "", "| stage | job | seconds |", "|---|---|---|"]
+    for key in sorted(seconds):
+        stage, job = key.split("/", 1)
+        lines.append(f"| {stage} | {job} | {seconds[key]:.1f} |")
+    total = sum(seconds.values())
+    lines += [f"| **total** | | **{total:.1f}** |", ""]
+    lines += figure_lines("seconds.png")
+    lines += ["Per-stage sparsity and pattern checks: see `table.csv` and the `evaluate` JSON files.", ""]
+    lines += figure_lines("histograms.png")
+    write_text(out / "report.md", "\n".join(lines).rstrip("\n") + "\n")
+    write_text(out / "seconds.json", json.dumps(seconds, indent=2, sort_keys=True) + "\n")
+    return [str(out / "report.md"), str(table_csv), str(out / "zeroshot.csv"), *saved]
+
+
+def _layer_error_section(errors: list[LayerErrors]) -> list[str]:
+    """Mean relative output error over the linears, per (method, pattern) and stage."""
+    if not errors:
+        return []
+    series = make_series([(e.stage, e.recon) for e in errors])
+    lines = ["## Relative output error of the linears (calibration data)", "",
+             "Mean over the linears of each one's relative output error on the calibration inputs, "
+             "Σ‖W_dense x − W x‖² / Σ‖W_dense x‖² (0: exact; 1: as bad as zero output; per linear in each "
+             "checkpoint's `layers.json`).", "",
+             "| method | pattern | " + " | ".join(s.label for s in series) + " |",
+             "|---|---|" + "---|" * len(series)]
+    for method, pattern in sorted({(e.method, e.pattern) for e in errors}):  # the perplexity tables' order
+        cells = []
+        for s in series:
+            found = [e for e in errors if (e.method, e.pattern, e.stage, e.recon) == (method, pattern, *s.key)]
+            vals = list(found[0].errors.values()) if found else []
+            cells.append(f"{sum(vals) / len(vals):.4f}" if vals else "–")
+        lines.append(f"| {method} | {pattern} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _zeroshot_metrics(r: dict, task: str) -> dict:
+    zs = r.get("zeroshot") or {}
+    return zs.get("mean", {}) if task == "mean" else zs.get("tasks", {}).get(task, {})
+
+
+def _zeroshot_rows(config: dict, model: str, results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if not r.get("zeroshot"):
+            continue
+        for task in [*r["zeroshot"]["tasks"], "mean"]:
+            m = _zeroshot_metrics(r, task)
+            rows.append({"run": config["run"], "model": model, "method": r["method"] or "-",
+                         "pattern": r["pattern"] or "-", "stage": r["stage"], "recon": r["recon"] or "-",
+                         "task": task, "n": m.get("n", ""),
+                         **{k: "" if m.get(k) is None else f"{m[k]:.4f}"
+                            for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}})
+    return rows
+
+
+def _zeroshot_section(results: list[dict]) -> list[str]:
+    """Accuracy per task and the mean: dense, one-shot, one-shot + adjust and SDS side by side."""
+    scored = [r for r in results if r.get("zeroshot")]
+    if not scored:
+        return []
+    tasks = list(scored[0]["zeroshot"]["tasks"])
+    dense = next((r for r in scored if r["stage"] == "dense"), None)
+
+    def cell(r, task, metric="acc"):
+        m = _zeroshot_metrics(r, task) if r else {}
+        if m.get(metric) is None:
+            return "–"
+        return f"{m[metric]:.3f} ± {m[f'{metric}_stderr']:.3f}" if m.get(f"{metric}_stderr") is not None \
+            else f"{m[metric]:.3f}"
+
+    def delta(a, b, task, metric="acc"):
+        x, y = (_zeroshot_metrics(r, task).get(metric) if r else None for r in (a, b))
+        return f"{x - y:+.3f}" if x is not None and y is not None else "–"
+
+    rows = [(task, "acc") for task in tasks] + [("**mean**", "acc"), ("**mean** (acc_norm)", "acc_norm")]
+    lines = ["## Zero-shot accuracy (lm-eval-harness)", "",
+             f"acc ± stderr per task ({', '.join(f'`{t}`' for t in tasks)}) and the mean over tasks; the mean "
+             "(acc_norm) row takes acc_norm where a task defines it, else acc. All metrics: `zeroshot.csv`.", "",
+             "| method | pattern | task | dense | one-shot | one-shot + adjust | SDS | recon | SDS − one-shot |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["method"], r["pattern"]) for r in scored if r["method"]}) or [("-", "-")]
+    for method, pattern in keys:
+        group = [r for r in scored if (r["method"], r["pattern"]) == (method, pattern)]
+        first = next((r for r in group if r["stage"] == "prune1"), None)
+        adj = next((r for r in group if r["stage"] == "prune1+adjust"), None)
+        for sds in [r for r in group if r["stage"] == "sds"] or [None]:
+            for label, metric in rows:
+                task = "mean" if label.startswith("**mean**") else label
+                lines.append(f"| {method} | {pattern} | {label} | {cell(dense, task, metric)} | "
+                             f"{cell(first, task, metric)} | {cell(adj, task, metric)} | {cell(sds, task, metric)} | "
+                             f"{sds['recon'] if sds else '–'} | {delta(sds, first, task, metric)} |")
+    return lines + [""]

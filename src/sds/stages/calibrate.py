@@ -1,0 +1,79 @@
+"""The stages every compression run starts with: calibration windows, decoder layer 0's inputs and the dense
+model's per-layer inputs (the activation cache)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..core.layout import MANIFEST
+from ..core.runtime import seed, setup
+from ..data.windows import read_calibration
+from ..storage.atomic import atomic_dir
+from ..storage.documents import write_json
+from ..tracking.stage_runs import track_stage
+from .common import layerwise_model
+
+log = logging.getLogger("sds")
+
+
+def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None = None) -> None:
+    """Samples nsamples × seqlen token windows (seeded) → Parquet of token ids."""
+    from transformers import AutoTokenizer
+
+    from ..data.texts import read_text_source, tokenize
+    from ..data.windows import sample_windows, write_calibration
+    from ..tracking.entries import text_input
+
+    started = time.time()
+    seed(config)
+    cal = config["calibration"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
+    builtin = Path(corpus_dir) / "train.txt" if corpus_dir else None
+    text = read_text_source(cal["source"], text_field=cal["text_field"], builtin_text=builtin, split="train")
+    ids = tokenize(tokenizer, text)
+    windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
+    write_calibration(out, windows)
+    log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
+    track_stage(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
+                inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
+                                   path=builtin if cal["source"] == "builtin" else None,
+                                   windows=windows.shape[0], seqlen=windows.shape[1])])
+
+
+def _calibration_pass(config: dict, model_dir: str, calibration_file: str, out: str, write, dtype: str
+                      ) -> tuple[int, int]:
+    """Runs `write(config, lm, windows, folder)` into the output folder `out` with its manifest (layers,
+    nsamples, seqlen and the cache `dtype`: what the stages after it read); returns (layers, windows)."""
+    device = setup(config)
+    lm = layerwise_model(config, model_dir, device)
+    windows = read_calibration(calibration_file)
+    with atomic_dir(out) as tmp:
+        write(config, lm, windows, tmp)
+        write_json(tmp / MANIFEST, {"layers": len(lm), "nsamples": windows.shape[0], "seqlen": windows.shape[1],
+                                    "dtype": dtype})
+    return len(lm), windows.shape[0]
+
+
+def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
+    """Decoder layer 0's input for every calibration window (the embeddings), in the model's dtype: where
+    every sequential pass starts. Its manifest gives nsamples and seqlen to the stages after it."""
+    from ..model.passes import write_layer_inputs
+
+    started = time.time()
+    layers, windows = _calibration_pass(config, model_dir, calibration_file, out, write_layer_inputs,
+                                        config["model"]["dtype"])
+    log.info("layer inputs: %d windows, %d decoder layers", windows, layers)
+    track_stage(config, "layer_inputs", started=started, metrics={"layers": layers, "windows": windows})
+
+
+def activations(config: dict, model_dir: str, calibration_file: str, out: str) -> None:
+    """Runs the dense model layer by layer; caches each decoder layer's input (and the last output),
+    one Parquet file per layer boundary: layer_i = input of layer i = dense output of layer i−1. Only the
+    settings that fit to the dense model's own hidden states read it."""
+    from ..model.passes import dense_pass
+
+    started = time.time()
+    layers, _ = _calibration_pass(config, model_dir, calibration_file, out, dense_pass, config["activations"]["dtype"])
+    track_stage(config, "activations", started=started, params=config["activations"], metrics={"layers": layers})
+

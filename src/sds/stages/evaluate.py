@@ -1,0 +1,117 @@
+"""The closing stages: exporting a checkpoint as a loadable folder, evaluation (perplexity, zero-shot
+accuracy, achieved sparsity) and the report; lm-eval, MLflow and plotting are imported inside the stages
+that use them."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..core.config import config_hash
+from ..core.layout import LAYERS, MASKS, MODEL, WEIGHTS, RunLayout
+from ..core.patterns import pattern_from_slug
+from ..core.runtime import provenance, setup
+from ..core.stage_keys import resolved_config
+from ..model.checkpoints import checkpoint_sparsity, write_model_folder
+from ..model.loading import apply_weights, load_model
+from ..report.modelcard import model_card
+from ..storage.atomic import atomic_dir
+from ..storage.checksums import checksum_folder
+from ..storage.documents import read_json, write_json
+from ..storage.safetensors import load_tensors
+from ..tracking.stage_runs import track_stage
+from .common import checkpoint_readers, layerwise_model
+
+log = logging.getLogger("sds")
+
+
+def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: str, pattern: str, out: str) -> None:
+    """A first-prune or prune1+adjust checkpoint as a loadable Hugging Face folder `out`/model with its
+    model card, and its masks beside (`out`/masks.safetensors): the layout of the SDS output, so any row
+    of the report can be shipped."""
+    import shutil
+
+    from ..tracking.entries import model_entry, registered_name
+
+    started = time.time()
+    lm = layerwise_model(config, model_dir, "cpu")
+    weights, _ = checkpoint_readers(checkpoint, "cpu", masks=False)
+    summary = read_json(Path(checkpoint) / LAYERS)
+    sparsity = checkpoint_sparsity(lm, weights)
+    with atomic_dir(out) as tmp:
+        for name in (MASKS, LAYERS):
+            shutil.copyfile(Path(checkpoint) / name, tmp / name)
+        checksum_folder(tmp)
+        write_model_folder(lm, model_dir, Path(checkpoint) / WEIGHTS, tmp / MODEL,
+                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary),
+                           trust_remote_code=config["model"]["trust_remote_code"])
+    log.info("exported %s %s %s to %s", stage, method, pattern, out)
+    # its perplexity, if this checkpoint's evaluation ran
+    evaluation = Path(RunLayout(config["run"]).evaluation(method, pattern, stage))
+    ppl = {f"ppl.{k}": v for k, v in read_json(evaluation)["ppl"].items()} if evaluation.is_file() else {}
+    track_stage(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
+           tags={"sds_method": method, "sds_pattern": pattern},
+           model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL,
+                             {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
+                              "sparsity": sparsity["overall"], **ppl}))
+
+
+def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = None, weights: str | None = None,
+             stage: str = "dense", method: str = "", pattern: str = "", recon: str = "",
+             tasks_dir: str | None = None) -> None:
+    """Perplexity on every configured dataset, zero-shot accuracy (lm-eval-harness) and the achieved
+    sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
+    from ..evaluation.perplexity import evaluate_checkpoint, pattern_violations
+    from ..tracking.entries import evaluated_model_entry, headline_metrics, text_input
+
+    started = time.time()
+    zs = config["evaluate"]["zeroshot"]
+    zs_files = None
+    if zs["enabled"]:  # every task's data file is checked before the evaluation starts
+        from ..core.tasksets import resolve_tasks, task_files
+
+        zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
+    device = setup(config)
+    model, tokenizer = load_model(model_dir, dtype=config["model"]["dtype"],
+                                  trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
+    if weights:
+        apply_weights(model, load_tensors(weights, device=device))
+    label = "/".join(x for x in (method, pattern, recon, stage) if x)
+    result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
+              "recon": recon}
+    start = time.monotonic()
+    scores, texts = evaluate_checkpoint(model, tokenizer, config, label=label, corpus_dir=corpus_dir,
+                                        zeroshot_files=zs_files)
+    result.update(scores)
+    if pattern:
+        result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
+    result["seconds"] = time.monotonic() - start
+    result["config_hash"], result["provenance"] = config_hash(resolved_config(config)), provenance()
+    write_json(out, result)
+    zs_metrics = {}
+    if "zeroshot" in result:
+        from ..evaluation.zeroshot import flat_metrics
+
+        zs_metrics = flat_metrics(result["zeroshot"])
+    headline = headline_metrics(result)
+    sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
+    track_stage(config, f"evaluate/{label}", started=started, params={"label": label},
+           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
+                    "seconds": result["seconds"], **zs_metrics},
+           parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
+           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
+
+
+def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
+           benchmarks: list[str] = (), checkpoints: list[str] = ()) -> None:
+    from ..report.report import build_report
+    from ..tracking.entries import headline_metrics
+
+    started = time.time()
+    artifacts = build_report(config, evals, list(benchmarks), Path(out), Path(summary_csv), model_dir, list(checkpoints))
+    results = [read_json(p) for p in evals]
+    numbers = {k: v for r in results for k, v in headline_metrics(r).items()}
+    # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
+    # their numbers to that config's run only
+    track_stage(config, "report", started=started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
+           metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})

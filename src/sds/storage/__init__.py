@@ -1,0 +1,1 @@
+"""Storage: files of stage outputs, written atomically, checksummed, owned; safetensors and Parquet."""

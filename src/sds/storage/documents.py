@@ -1,0 +1,28 @@
+"""Small text outputs (JSON records, Markdown, CSV) written atomically, and JSON read back with one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.errors import HOW_TO_RECREATE, CorruptFileError
+from .atomic import atomic_path
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: file is missing; {HOW_TO_RECREATE}") from None
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc}); {HOW_TO_RECREATE}") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,206 @@
+"""Safetensors files: read one tensor at a time (located by the header, checked against the file's size),
+written one tensor at a time (`SafetensorsStreamWriter`), so a checkpoint of any depth is never held in
+memory; files this project wrote are verified against their checksums on opening."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import HOW_TO_RECREATE, CorruptFileError
+from .atomic import StreamedOutput, TempFile
+from .checksums import verify_checksum
+from .digests import sidecar
+
+# Where a read of a file this project wrote puts its tensors when the caller names no device. Stages always
+# name theirs (the one device rule: weights, caches and statistics are read straight to the stage's device);
+# the device-mixing test sets this to "meta" so that a read that forgets its device cannot go unnoticed.
+DEFAULT_READ_DEVICE = "cpu"
+
+# safetensors dtype codes (the format's own names) for the dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
+
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """Reads single tensors of a safetensors file with plain file reads, located by its header. Not
+    memory-mapped (as safetensors' own safe_open is): a mapping's touched pages count as this process's
+    resident memory while it is open, so reading a checkpoint layer by layer would grow with depth."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self._fh = open(self.path, "rb")
+        try:
+            n = int.from_bytes(self._fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(self._fh.read(n))
+            self._metadata = header.pop("__metadata__", None) or {}
+            self._start, self._entries = 8 + n, {}
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                dtype, shape = _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])
+                nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+                if end - begin != nbytes:
+                    raise ValueError(f"tensor {name!r} has {end - begin} bytes where {entry['dtype']} "
+                                     f"{list(shape)} needs {nbytes}")
+                if self._start + end > size:
+                    raise ValueError(f"truncated: tensor {name!r} ends at byte {self._start + end} of a "
+                                     f"{size}-byte file")
+                self._entries[name] = (dtype, shape, begin)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._fh.close()
+            raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of one tensor, from the header (nothing is read)."""
+        dtype, shape, _ = self._entry(name)
+        return dtype, shape
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin = self._entry(name)
+        tensor = torch.empty(shape, dtype=dtype)
+        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._fh.seek(self._start + begin)
+        if self._fh.readinto(target) != len(target):
+            raise CorruptFileError(f"{self.path}: truncated inside tensor {name!r}; {HOW_TO_RECREATE}")
+        return tensor
+
+    def _entry(self, name: str):
+        if name not in self._entries:
+            raise CorruptFileError(f"{self.path}: has no tensor {name!r}; {HOW_TO_RECREATE}")
+        return self._entries[name]
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class TensorReader(SafetensorsFile):
+    """A safetensors file this project wrote: its checksum is verified once, on opening; tensors are then
+    read one at a time, so a stage that needs one layer of a checkpoint does not load all of them, and
+    land on `device` (see DEFAULT_READ_DEVICE)."""
+
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
+        verify_checksum(path)
+        super().__init__(path)
+        self.device = torch.device(device or DEFAULT_READ_DEVICE)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = super().__getitem__(name)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
+
+class SafetensorsStreamWriter(StreamedOutput):
+    """Writes a safetensors file one tensor at a time, so a checkpoint of any depth is never held in memory.
+
+    The format puts every tensor's offsets in the header, so names, dtypes and shapes are declared up front
+    (`specs`, in file order) and `write` must then be called for each name in that order. The file is built
+    under a temporary name, renamed into place by `close` once every tensor is written, and gets its
+    checksum sidecar; `abort` (or leaving the `with` block on an exception) leaves nothing behind."""
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._order = list(specs)
+        self._specs = {k: (dtype, tuple(int(d) for d in shape)) for k, (dtype, shape) in specs.items()}
+        header, offset = {"__metadata__": {"format": "pt", **dict(sorted((metadata or {}).items()))}}, 0
+        for name, (dtype, shape) in self._specs.items():
+            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._temp, self._next = TempFile(self.path), 0
+        self._fh = open(self._temp.tmp, "wb")
+        with self._temp.naming():
+            self._fh.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order) or name != self._order[self._next]:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing (all written)"
+            raise ValueError(f"{self.path}: expected tensor {expected!r} next, got {name!r}")
+        dtype, shape = self._specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"declared {dtype} {shape}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with self._temp.naming():
+            self._fh.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._fh.closed:
+            return
+        if self._next != len(self._order):
+            self.abort()
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        try:
+            with self._temp.naming():
+                self._fh.close()  # flushes: a full disk may show only here
+            self._temp.commit(checksum=True)
+        finally:
+            self._temp.discard()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # the error being handled is the one to report
+            self._fh.close()
+        self._temp.discard()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of `tensors` (with its checksum sidecar). Written by SafetensorsStreamWriter, not
+    safetensors' save_file: that one orders the metadata as a hash map does, differently in each process,
+    so the same tensors gave files (and digests) that differ from run to run."""
+    with SafetensorsStreamWriter(path, {k: (v.dtype, tuple(v.shape)) for k, v in sorted(tensors.items())},
+                                 metadata) as writer:
+        for name, tensor in sorted(tensors.items()):
+            writer.write(name, tensor)
+
+
+def load_tensors(path: str | Path, *, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    verify_checksum(path)
+    try:
+        tensors = load_file(str(path))
+        return {k: v.to(device or DEFAULT_READ_DEVICE) for k, v in tensors.items()}
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+
+
+def load_tensors_with_metadata(path: str | Path, *, device: str | torch.device | None = None
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a file this project wrote, on `device`, and its metadata."""
+    reader = TensorReader(path, device=device)
+    try:
+        return {k: reader[k] for k in reader.keys()}, reader.metadata()
+    finally:
+        reader.close()
+
+
+def verify_folder(folder: str | Path) -> None:
+    """Verifies the safetensors files of a model folder: against their sidecars where they have them (files
+    we wrote); otherwise (a user's checkpoint) that each is whole, its header readable and every tensor
+    inside the file, so a truncated file is named here rather than deep inside a library's loader."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if sidecar(f).is_file():
+            verify_checksum(f)
+        else:
+            SafetensorsFile(f).close()
