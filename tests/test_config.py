@@ -57,6 +57,7 @@ def test_external_model_needs_a_text_source(tmp_path):
     with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):
         validate_config(base(model={"source": str(tmp_path)}, calibration={"seqlen": 32}, evaluate={"seqlen": 32}))
     (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")  # present (its contents are the tokenizer library's to check)
     with pytest.raises(ConfigError, match="'calibration.source' = 'builtin' needs model.source 'builtin'"):
         validate_config(base(model={"source": str(tmp_path)}, calibration={"seqlen": 32},
                              evaluate={"seqlen": 32}))

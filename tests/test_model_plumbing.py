@@ -137,6 +137,7 @@ def _save_config_only(folder, config):
     folder.mkdir()
     config.save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"")  # present; never read: the check needs no weights
+    (folder / "tokenizer.json").write_text("{}")  # likewise
 
 
 @pytest.mark.parametrize("make_config, arch", [

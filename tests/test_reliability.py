@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LOCAL_PATH, ROOT, snakemake, tiny_opt
-
-
-def _copy_run(micro_run, tmp_path) -> Path:
-    """A private copy of the finished micro run (outputs + Snakemake metadata) to damage."""
-    work, _, _ = micro_run
-    copy = tmp_path / "w"
-    shutil.copytree(work, copy, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db"))
-    return copy
+from conftest import LOCAL_PATH, ROOT, copy_run, snakemake, tiny_opt
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -28,7 +20,7 @@ def _digests(root: Path) -> dict[str, str]:
 @pytest.mark.parametrize("rule,output", [("prune1", "sparsegpt/2of4/prune1"),
                                          ("reconstruct", "sparsegpt/2of4/default/reconstruct")])
 def test_killed_stage_leaves_nothing_and_rerun_is_bit_identical(micro_run, tmp_path, rule, output):
-    work = _copy_run(micro_run, tmp_path)
+    work = copy_run(micro_run, tmp_path)
     cfg = work / "micro.yaml"
     target = work / "results" / "micro" / output
     before = _digests(target)
@@ -45,7 +37,7 @@ def test_killed_stage_leaves_nothing_and_rerun_is_bit_identical(micro_run, tmp_p
 
 
 def test_corrupt_cache_is_named_then_recreated(micro_run, tmp_path):
-    work = _copy_run(micro_run, tmp_path)
+    work = copy_run(micro_run, tmp_path)
     cfg = work / "micro.yaml"
     cache = work / "results" / "micro" / "activations" / "input" / "layer_000.parquet"
     before = _digests(cache.parent)
@@ -55,7 +47,7 @@ def test_corrupt_cache_is_named_then_recreated(micro_run, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert re.search(r"layer_000\.parquet: checksum mismatch \(truncated or altered\)", text), text[-3000:]
-    assert "so that the next `snakemake` run re-creates it" in text
+    assert "run the same snakemake command again" in text
     assert not cache.parent.exists()
     snakemake(work, "results/micro/sparsegpt/2of4/prune1", "--cores", "1", "--configfile", str(cfg))
     assert _digests(cache.parent) == before
@@ -99,7 +91,7 @@ def test_layer_parallel_reconstruction_equals_single_job(micro_run, tmp_path):
     """One job per decoder layer + gather gives the very same checkpoint as the single-job mode."""
     import yaml
 
-    work = _copy_run(micro_run, tmp_path)
+    work = copy_run(micro_run, tmp_path)
     cfg = yaml.safe_load((work / "micro.yaml").read_text())
     cfg["layer_parallel"] = True
     parallel_cfg = work / "parallel.yaml"
@@ -494,7 +486,7 @@ def test_second_run_is_locked_out_and_a_config_edit_mid_run_changes_nothing(micr
 
     from sds.core.config import config_hash, validate_config
 
-    work = _copy_run(micro_run, tmp_path)
+    work = copy_run(micro_run, tmp_path)
     cfg = work / "micro.yaml"
     started_with = config_hash(validate_config(yaml.safe_load(cfg.read_text())))
     evals = work / "results" / "micro" / "eval"

@@ -13,6 +13,7 @@ from sds.core.patterns import parse_pattern
 from sds.report.figures import figures
 from sds.report.inputs import benchmark_seconds as _benchmark_seconds, checkpoint_of, read_evals
 from sds.report.report import build_report
+from sds.storage.documents import write_json
 from sds.storage.safetensors import save_tensors
 
 METHODS = ["sparsegpt", "wanda", "magnitude", "admm", "obc", "sparsellm"]
@@ -35,11 +36,10 @@ def synthetic_run(root, n_methods=3, n_patterns=3, recons=("default",), layers=1
     evals, benchmarks, checkpoints = [], [], []
 
     def write_eval(path, stage, method="", pattern="", recon="", ppl=10.0, acc=0.8):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"stage": stage, "method": method, "pattern": pattern, "recon": recon,
-                                    "ppl": {ds: (i + 1) * ppl for i, ds in enumerate(datasets)}, "windows": {"builtin": 4},
-                                    "sparsity": 0.0 if stage == "dense" else 0.5,
-                                    "zeroshot": _zeroshot(acc, 0.03), "seconds": 1.0}))
+        write_json(path, {"stage": stage, "method": method, "pattern": pattern, "recon": recon,
+                          "ppl": {ds: (i + 1) * ppl for i, ds in enumerate(datasets)}, "windows": {"builtin": 4},
+                          "sparsity": 0.0 if stage == "dense" else 0.5, "zeroshot": _zeroshot(acc, 0.03),
+                          "seconds": 1.0}, output=True)  # as the evaluation writes it: with its checksum
         evals.append(str(path))
 
     def write_ckpt(path, errors):

@@ -226,3 +226,36 @@ def test_scancelled_job_leaves_no_output_and_rerun_matches_uninterrupted_run(slu
     assert first["reference_rc"] == 0, first["reference_log"][-3000:]
     assert "localrule reconstruct:" in first["reference_log"], "the reference did not run reconstruct"
     assert final_numbers(first["reference"]) == final_numbers(work)
+
+
+def test_jobs_of_a_cluster_run_use_the_config_it_started_with(cluster, tmp_path):
+    """The config file is edited right after the run starts (before any sbatch job has started): every job,
+    which reads the Snakefile and that file again on the node, must run the config the run started with."""
+    work = tmp_path / "edited"
+    work.mkdir()
+    cfg = yaml.safe_load((ROOT / "config" / "micro.yaml").read_text())
+    cfg["mlflow"] = {"enabled": False}
+    cfg["resources"] = {"default": {"cpus_per_task": 1, "mem_mb": 1500, "runtime": 30}}
+    cfg_path = work / "micro_slurm.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    configs = work / R / "config"
+    log = work / "snakemake.log"
+    with log.open("w") as out:
+        head = subprocess.Popen([*_slurm_cmd(work, cfg_path), "--until", "layer_inputs"], stdout=out,
+                                stderr=subprocess.STDOUT, env=_env())
+        try:
+            deadline = time.monotonic() + 120
+            while not (configs.is_dir() and any(configs.glob("*.json"))):  # written when the run starts
+                assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            started = [p.name for p in configs.glob("*.json")]
+            cfg["model"]["dtype"] = "bfloat16"  # read by layer_inputs, a SLURM job that starts later
+            cfg_path.write_text(yaml.safe_dump(cfg))
+            assert head.wait(timeout=600) == 0, log.read_text()[-4000:]
+        finally:
+            if head.poll() is None:
+                head.kill()
+    assert "layer_inputs" in submitted(log.read_text()), log.read_text()[-3000:]
+    assert [p.name for p in configs.glob("*.json")] == started, "a job wrote (and ran) the edited config"
+    manifest = json.loads((work / R / "activations" / "input" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32", "the layer_inputs job ran the edited config"

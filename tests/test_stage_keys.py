@@ -8,13 +8,12 @@ import copy
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from conftest import LOCAL_PATH, ROOT, SNAKEMAKE, planned_jobs, snakemake
+from conftest import LOCAL_PATH, ROOT, SNAKEMAKE, copy_run, planned_jobs, snakemake
 
 # Values a changed string takes (other strings, and keys that change which rules exist, are not changed:
 # a new model or text source, the dense_stream target and dense inputs add rules; zero-shot on/off too).
@@ -138,10 +137,8 @@ def _dry_run(work, configfile) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished(micro_run, tmp_path_factory):
     """A copy of the finished micro run (mtimes and Snakemake's records kept), its rule graph and config."""
-    work, cfg, _ = micro_run
-    copy_dir = tmp_path_factory.mktemp("keys") / "work"
-    shutil.copytree(work, copy_dir, symlinks=True, ignore=shutil.ignore_patterns("mlflow*", "*.lock"))
-    config = yaml.safe_load(cfg.read_text())
+    copy_dir = copy_run(micro_run, tmp_path_factory.mktemp("keys"))
+    config = yaml.safe_load(micro_run[1].read_text())
     base = copy_dir / "base.yaml"
     base.write_text(yaml.safe_dump(config))
     if planned_jobs(_dry_run(copy_dir, base).stdout):  # an earlier test left it unfinished

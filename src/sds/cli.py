@@ -100,8 +100,11 @@ def _corrupt_file_message(exc, config: dict) -> str:
     reason = str(exc).removesuffix(f"; {HOW_TO_RECREATE}")
     removed = discard_stage_output(exc.path, run_dir(config["run"])) if exc.path and config else None
     if removed is not None:
-        return (f"{reason}. Removed {os.path.relpath(removed)} (an output this run wrote) so that the next "
-                "`snakemake` run re-creates it.")
+        # Snakemake re-creates a missing file only for a job it runs: this stage's (whose output is absent), so
+        # the same command again does it; a plain `snakemake` would not when everything after this stage exists
+        # (a failed --forcerun).
+        return (f"{reason}. Removed {os.path.relpath(removed)} (an output this run wrote): run the same snakemake "
+                "command again (same targets and --forcerun), which re-creates it before re-running this stage.")
     return (f"{reason}. Nothing was deleted: no output this run recorded as its own holds "
             f"{'it' if exc.path is None else exc.path}; restore or replace it.")
 

@@ -2,6 +2,7 @@
 # config slice as its params (src/sds/core/stage_keys.py), cluster resources and the model's input files.
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,12 +14,23 @@ from sds.core.config import ConfigError, config_hash, validate_config  # noqa: E
 from sds.core.layout import SUMMARY_CSV, RunLayout  # noqa: E402
 from sds.core.patterns import parse_pattern  # noqa: E402
 from sds.core.stage_keys import DENSE_PHASE_KEYS, stage_params  # noqa: E402
+from sds.storage.records import OUTPUT_RECORD, foreign_folders  # noqa: E402
 
 
+# A job of a cluster run is its own Snakemake process that reads the Snakefile and the --configfiles again,
+# which the user may have edited since the run started; every job must run the config its run started with.
+# The run's first process names that config's file (written in `onstart`) in RUN_CONFIG, which sbatch
+# exports to the jobs, and a job (remote or subprocess mode) reads it instead of the config files.
+RUN_CONFIG = "SDS_RUN_CONFIG"
+_JOB = workflow.remote_exec or workflow.subprocess_exec
+if _JOB and os.environ.get(RUN_CONFIG):
+    _started = json.loads(Path(os.environ[RUN_CONFIG]).read_text())
+    config.clear()
+    config.update(_started)
 # Without --configfile the default config applies (with any --config overrides on top). A config given
 # with --configfile stands alone: it is not merged with the default, so e.g. its `reconstruct` settings
 # or `evaluate.datasets` are exactly the ones it names.
-if not workflow.overwrite_configfiles:
+elif not workflow.overwrite_configfiles:
     import yaml
 
     _default = yaml.safe_load((Path(workflow.basedir) / "config" / "config.yaml").read_text())
@@ -66,6 +78,17 @@ def recon_needs_dense(recon):
 
 PY = sys.executable
 
+# Snakemake deletes a job's output folder before the job runs, so a folder of the user's at an output
+# location (say notes kept in a checkpoint folder) would be lost without a word: such a run stops here,
+# before any job, naming it. An output folder the pipeline wrote carries its ownership record.
+_FOREIGN = foreign_folders(L.output_folders(METHODS, PATTERNS, RECONS, builtin=BUILTIN))
+if _FOREIGN and not _JOB:
+    sys.stderr.write(f"sds: {_FOREIGN[0]} exists and is not an output this pipeline wrote there (no "
+                     f"{OUTPUT_RECORD} record naming it); Snakemake would delete it before re-creating it, so "
+                     "nothing was run: move it elsewhere" + (f" ({len(_FOREIGN) - 1} more such folders)"
+                                                            if len(_FOREIGN) > 1 else "") + "\n")
+    sys.exit(1)
+
 # The model every stage reads, and the files of it that are rule inputs: the built-in model is the
 # build_model rule's output folder; an external one (a local folder, or a Hugging Face id resolved to its
 # snapshot in the local cache) is the list of files a stage reads (weights, config, tokenizer), so
@@ -96,17 +119,20 @@ EVAL_TEXTS = [f for source in RESOLVED["evaluate"]["datasets"].values() for f in
 # changed. A run keeps reading the file it started with, even if the config is edited meanwhile.
 _resolved_text = json.dumps(RESOLVED, indent=2, sort_keys=True) + "\n"
 CONFIG_JSON = L.config_json(config_hash(RESOLVED))
+if not _JOB:
+    os.environ[RUN_CONFIG] = str(Path(CONFIG_JSON).resolve())  # for this run's cluster jobs (see above)
 
 
 onstart:
-    if not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text:
+    if not _JOB and (not os.path.exists(CONFIG_JSON) or open(CONFIG_JSON).read() != _resolved_text):
         os.makedirs(os.path.dirname(CONFIG_JSON), exist_ok=True)
         with open(CONFIG_JSON + ".tmp", "w") as _fh:
             _fh.write(_resolved_text)
         os.replace(CONFIG_JSON + ".tmp", CONFIG_JSON)
 
 
-STAGE = f"PYTHONPATH={SRC}${{PYTHONPATH:+:$PYTHONPATH}} {PY} -m sds.cli"
+# quoted: a checkout or virtual environment whose path holds a space still runs every rule
+STAGE = f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} {shlex.quote(PY)} -m sds.cli"
 THREADS = RESOLVED["threads"]
 
 

@@ -77,6 +77,19 @@ def read_model_config(folder: str | Path) -> dict:
         raise ArchitectureError(f"{cfg_file}: not a readable config.json ({exc})") from None
 
 
+# A tokenizer's vocabulary: one of these files (tokenizer_config.json alone names a class, not a vocabulary;
+# transformers then builds an empty tokenizer, and every text would tokenize to nothing).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer(folder: str | Path) -> None:
+    """Refuses a model folder that holds no tokenizer vocabulary, naming the folder and the files looked for."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ArchitectureError(f"model path {str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the tokenizer beside the weights (tokenizer.save_pretrained(folder))")
+
+
 def attention_window(model_config: dict) -> int | None:
     """The sliding-window size some layers use, or None when every layer attends to the whole context."""
     window = model_config.get("sliding_window")

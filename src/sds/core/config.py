@@ -164,7 +164,7 @@ def model_folder(config: dict) -> Path | None:
 def model_context_length(config: dict) -> int | None:
     """The model's max positions, known without loading weights. For an external model this also checks,
     before any work, that the architecture is supported at the configured sequence lengths."""
-    from .architectures import check_supported, read_model_config
+    from .architectures import check_supported, check_tokenizer, read_model_config
 
     model = config["model"]
     if model["source"] == "builtin":
@@ -173,6 +173,7 @@ def model_context_length(config: dict) -> int | None:
     try:
         cfg = read_model_config(folder)
         check_supported(cfg, max(config["calibration"]["seqlen"], config["evaluate"]["seqlen"]), model["source"])
+        check_tokenizer(folder)
     except ArchitectureError as exc:
         raise ConfigError(f"config key 'model.source': {exc}") from None
     return cfg.get("max_position_embeddings")

@@ -110,6 +110,15 @@ class RunLayout:
             return self._at("eval", "dense.json")
         return self._at("eval", method, pattern, *((recon,) if stage in SETTING_STAGES else ()), f"{stage}.json")
 
+    def output_folders(self, methods, patterns, recons, *, builtin: bool) -> list[str]:
+        """Every folder the rules of this run may write (a layer-parallel reconstruction's parts aside)."""
+        out = [self.layer_inputs, self.dense_activations, self.tasks] + ([self.corpus, self.model] if builtin else [])
+        for m in methods:
+            for p in patterns:
+                out += [self.checkpoint(m, p, s) for s in ONE_SHOT_STAGES] + [self.export(m, p, s) for s in ONE_SHOT_STAGES]
+                out += [self.checkpoint(m, p, s, r) for r in recons for s in SETTING_STAGES]
+        return out
+
     def log(self, stage: str, *parts: str) -> str:
         """logs/<stage>.log, or logs/<stage>/<parts joined by _>.log for a stage with wildcards."""
         return self._at("logs", f"{stage}.log") if not parts else self._at("logs", stage, "_".join(parts) + ".log")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,15 @@ class Pattern:
 
     @property
     def slug(self) -> str:
-        """A path-safe name, used in output paths (`2of4`, `unstructured50`)."""
+        """A path-safe name, used in output paths (`2of4`, `unstructured50`, `unstructured12p34561`): the
+        percentage written out exactly, so two ratios never share an output folder."""
         if self.kind == "nm":
             return f"{self.n}of{self.m}"
-        return f"unstructured{self.ratio * 100:g}".replace(".", "p")
+        percent = format((Decimal(repr(self.ratio)) * 100).normalize(), "f")
+        return f"unstructured{percent}".replace(".", "p")
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else f"unstructured:{self.ratio:g}"
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"unstructured:{format(Decimal(repr(self.ratio)), 'f')}"
 
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -53,6 +56,6 @@ def parse_pattern(text: str) -> Pattern:
 def pattern_from_slug(slug: str) -> Pattern:
     if m := re.fullmatch(r"(\d+)of(\d+)", slug):
         return parse_pattern(f"{m.group(1)}:{m.group(2)}")
-    if m := re.fullmatch(r"unstructured([0-9p]+)", slug):
-        return parse_pattern(f"unstructured:{float(m.group(1).replace('p', '.')) / 100:g}")
+    if m := re.fullmatch(r"unstructured([0-9]+(?:p[0-9]+)?)", slug):
+        return parse_pattern(f"unstructured:{format(Decimal(m.group(1).replace('p', '.')) / 100, 'f')}")
     raise ValueError(f"not a pattern slug: {slug!r}")

@@ -59,16 +59,27 @@ def _read_file(path: Path, text_field: str, as_lines: bool = True) -> str:
             import pyarrow.parquet as pq
 
             table = pq.read_table(str(path), columns=[text_field])
-            return "\n\n".join(str(x) for x in table.column(text_field).to_pylist())
+            values = table.column(text_field).to_pylist()
+            return "\n\n".join(_text_value(v, path, text_field, f"row {i}") for i, v in enumerate(values))
         if suffix in (".jsonl", ".json"):
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return "\n\n".join(str(r[text_field]) for r in records)
+            lines = enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            records = [(n, json.loads(line)) for n, line in lines if line.strip()]
+            return "\n\n".join(_text_value(r[text_field], path, text_field, f"line {n}") for n, r in records)
         text = path.read_text(encoding="utf-8")
         return join_lines(text) if as_lines else text
     except (KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
     except Exception as exc:  # pyarrow errors
         raise DataError(f"cannot read text from {str(path)!r} (field {text_field!r}): {exc}") from None
+
+
+def _text_value(value, path: Path | str, text_field: str, where: str) -> str:
+    """A record's text; a null or non-text value is refused, naming the file and the record (calibrating on
+    "None" would go unnoticed)."""
+    if not isinstance(value, str):
+        shown = "null" if value is None else repr(value)[:60]
+        raise DataError(f"text source {str(path)!r}, {where}: field {text_field!r} is {shown}, not text")
+    return value
 
 
 def _read_datasets(source: str, text_field: str, default_split: str) -> str:
@@ -82,7 +93,7 @@ def _read_datasets(source: str, text_field: str, default_split: str) -> str:
         ds = datasets.load_dataset(name, cfg, split=split)
     except Exception as exc:
         raise DataError(f"cannot load dataset {source!r} (split {split!r}) from the local datasets cache: {exc}") from None
-    return "\n\n".join(str(x) for x in ds[text_field])
+    return "\n\n".join(_text_value(x, source, text_field, f"record {i}") for i, x in enumerate(ds[text_field]))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

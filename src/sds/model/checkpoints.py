@@ -15,7 +15,7 @@ from ..core.layout import LAYERS, MASKS, WEIGHTS
 from ..storage.checksums import checksum_folder
 from ..storage.documents import read_json, write_json, write_text
 from ..storage.safetensors import SafetensorsStreamWriter, TensorReader
-from .loading import LayerwiseModel
+from .loading import LayerwiseModel, load_tokenizer
 
 
 class CheckpointWriter:
@@ -74,10 +74,8 @@ def write_model_folder(lm: LayerwiseModel, model_dir, weights_file: Path, out: P
                        trust_remote_code: bool = False) -> None:
     """A loadable Hugging Face folder: the base checkpoint with every decoder linear replaced by the ones in
     `weights_file` (one tensor in memory at a time), the base tokenizer, checksums and the model card."""
-    from transformers import AutoTokenizer
-
     lm.save_pretrained(out, TensorReader(weights_file, device="cpu"))
-    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
+    load_tokenizer(model_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
     checksum_folder(out)
     write_text(out / "README.md", card)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from ..core.architectures import check_supported, read_model_config, resolve_model_dir
+from ..core.architectures import check_supported, check_tokenizer, read_model_config, resolve_model_dir
 from ..core.errors import ArchitectureError, ModelError
 from ..storage.safetensors import SafetensorsFile, SafetensorsStreamWriter, verify_folder
 from .decoder import decoder_layers, decoder_layers_prefix, find_linears, layer_kwargs
@@ -26,18 +27,30 @@ def model_folder(source: str | Path) -> Path:
     return folder
 
 
+def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder; one without tokenizer files is named (transformers would build an
+    empty tokenizer, and every text would tokenize to nothing)."""
+    from transformers import AutoTokenizer
+
+    try:
+        check_tokenizer(folder)
+    except ArchitectureError as exc:
+        raise ModelError(str(exc)) from None
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
 def load_model(source: str | Path, *, dtype: str = "float32", trust_remote_code: bool = False,
                device: str = "cpu"):
     """Loads a causal LM and its tokenizer from a local directory or hub id (offline caches honoured)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = model_folder(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {str(source)!r}: {exc}") from exc
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    except (OSError, SafetensorError) as exc:  # SafetensorError: a header the library refuses
+        raise ModelError(f"cannot load model {str(source)!r}: {' '.join(str(exc).split())}") from None
     model.config.use_cache = False
     model.eval()
     decoder_layers(model)  # fail early on an unsupported architecture

@@ -46,8 +46,10 @@ def checkpoint_of(path: str | Path) -> Checkpoint:
 
 
 def read_evals(evals: list[str]) -> list[dict]:
-    """The eval JSONs in the order given (the config's order: the figures keep it)."""
-    return [read_json(p) for p in evals]
+    """The eval JSONs in the order given (the config's order: the figures keep it), each verified against its
+    checksum: a damaged one stops the report (and is removed for Snakemake to re-create) instead of being
+    reported as measured."""
+    return [read_json(p, verify=True) for p in evals]
 
 
 def layer_errors(checkpoints: list[Checkpoint]) -> list[LayerErrors]:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..core.layout import ZEROSHOT_SUMMARY_CSV
-from ..storage.atomic import atomic_path
+from ..storage.atomic import atomic_path, exclusive
 from ..storage.documents import write_text
 from .figures import figures
 from .inputs import benchmark_seconds, checkpoint_of, layer_errors, read_evals
@@ -34,12 +34,15 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
 
 def _merge_summary(path: Path, run: str, rows: list[dict], columns: list[str] = SUMMARY_COLUMNS) -> None:
     """results/summary.csv keeps one row per evaluated checkpoint of every run; this run's rows replace
-    its previous ones."""
-    kept = []
-    if path.is_file():
-        kept = [r for r in csv.DictReader(path.open()) if r.get("run") != run]
-    with atomic_path(path) as tmp:
-        tmp.write_text(_csv_text(kept + rows, columns))
+    its previous ones. Reports of other runs may merge at the same time: each merge holds a lock from its
+    read to its rename, so none loses another's rows or removes its temporary file."""
+    with exclusive(path.with_name(f".{path.name}.lock")):
+        kept = []
+        if path.is_file():
+            with path.open(newline="") as fh:
+                kept = [r for r in csv.DictReader(fh) if r.get("run") != run]
+        with atomic_path(path) as tmp:
+            tmp.write_text(_csv_text(kept + rows, columns))
 
 
 def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Path, summary_csv: Path,

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..core.layout import MANIFEST
 from ..core.runtime import seed, setup
 from ..data.windows import read_calibration
+from ..model.loading import load_tokenizer
 from ..storage.atomic import atomic_dir
 from ..storage.documents import write_json
 from ..tracking.stage_runs import track_stage
@@ -19,8 +20,6 @@ log = logging.getLogger("sds")
 
 def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None = None) -> None:
     """Samples nsamples × seqlen token windows (seeded) → Parquet of token ids."""
-    from transformers import AutoTokenizer
-
     from ..data.texts import read_text_source, tokenize
     from ..data.windows import sample_windows, write_calibration
     from ..tracking.entries import text_input
@@ -28,7 +27,8 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
     started = time.time()
     seed(config)
     cal = config["calibration"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
+    # a folder without tokenizer files is named here, not found out as "calibration text has 0 tokens"
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=config["model"]["trust_remote_code"])
     builtin = Path(corpus_dir) / "train.txt" if corpus_dir else None
     text = read_text_source(cal["source"], text_field=cal["text_field"], builtin_text=builtin, split="train")
     ids = tokenize(tokenizer, text)

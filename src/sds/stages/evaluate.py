@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..core.config import config_hash
+from ..core.errors import CorruptFileError
 from ..core.layout import LAYERS, MASKS, MODEL, WEIGHTS, RunLayout
 from ..core.patterns import pattern_from_slug
 from ..core.runtime import provenance, setup
@@ -48,7 +49,12 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     log.info("exported %s %s %s to %s", stage, method, pattern, out)
     # its perplexity, if this checkpoint's evaluation ran
     evaluation = Path(RunLayout(config["run"]).evaluation(method, pattern, stage))
-    ppl = {f"ppl.{k}": v for k, v in read_json(evaluation)["ppl"].items()} if evaluation.is_file() else {}
+    ppl = {}
+    if evaluation.is_file():
+        try:
+            ppl = {f"ppl.{k}": v for k, v in read_json(evaluation, verify=True)["ppl"].items()}
+        except CorruptFileError as exc:  # only a tag of the registered model: the export itself stands
+            log.warning("the registered model carries no perplexity: %s", exc)
     track_stage(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
            tags={"sds_method": method, "sds_pattern": pattern},
            model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL,
@@ -87,7 +93,7 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
         result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
     result["seconds"] = time.monotonic() - start
     result["config_hash"], result["provenance"] = config_hash(resolved_config(config)), provenance()
-    write_json(out, result)
+    write_json(out, result, output=True)
     zs_metrics = {}
     if "zeroshot" in result:
         from ..evaluation.zeroshot import flat_metrics
@@ -104,12 +110,13 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
 
 def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
            benchmarks: list[str] = (), checkpoints: list[str] = ()) -> None:
+    from ..report.inputs import read_evals
     from ..report.report import build_report
     from ..tracking.entries import headline_metrics
 
     started = time.time()
     artifacts = build_report(config, evals, list(benchmarks), Path(out), Path(summary_csv), model_dir, list(checkpoints))
-    results = [read_json(p) for p in evals]
+    results = read_evals(evals)
     numbers = {k: v for r in results for k, v in headline_metrics(r).items()}
     # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
     # their numbers to that config's run only

@@ -171,6 +171,22 @@ def _refuse_to_replace_foreign(path: Path) -> None:
                               f"{OUTPUT_RECORD} record naming it), so it is not replaced", str(path))
 
 
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path) -> Iterator[None]:
+    """Holds an exclusive lock (flock on `lock_file`) for the block: read-modify-write files shared by runs
+    (results/summary.csv, the MLflow store) are changed by one process at a time."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class StreamedOutput:
     """The lifecycle every streaming writer shares: written piece by piece into a TempFile, `close` commits it
     (complete, with its checksum sidecar), `abort` removes it; leaving a `with` block closes it, or aborts

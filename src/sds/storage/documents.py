@@ -6,15 +6,21 @@ from pathlib import Path
 
 from ..core.errors import HOW_TO_RECREATE, CorruptFileError
 from .atomic import atomic_path
+from .checksums import verify_checksum
 
 
-def write_json(path: str | Path, obj) -> None:
-    with atomic_path(path) as tmp:
+def write_json(path: str | Path, obj, *, output: bool = False) -> None:
+    """`output`: a stage's own output file (an evaluation), written with its checksum sidecar and ownership
+    record, so a damaged copy is found (`read_json(verify=True)`) and removed for Snakemake to re-create."""
+    with atomic_path(path, checksum=output, record=output) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path, *, verify: bool = False):
+    """A JSON file; with `verify`, checked against its checksum sidecar first (see write_json)."""
     path = Path(path)
+    if verify:
+        verify_checksum(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -65,3 +65,16 @@ def discard_stage_output(path: str | Path, run_dir: str | Path) -> Path | None:
         for f in (output, sidecar(output), record_file(output, is_dir=False)):
             f.unlink(missing_ok=True)
     return output
+
+
+def foreign_folders(folders) -> list[str]:
+    """Those of `folders` (output locations) that exist and are not this pipeline's output there: a file, a
+    link, or a non-empty folder without a record naming it. An empty folder is fine (replaced)."""
+    found = []
+    for folder in folders:
+        path = Path(folder)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            found.append(str(folder))
+        elif path.is_dir() and any(path.iterdir()) and not is_recorded(path.resolve()):
+            found.append(str(folder))
+    return found

@@ -55,9 +55,24 @@ class SafetensorsFile:
                     raise ValueError(f"truncated: tensor {name!r} ends at byte {self._start + end} of a "
                                      f"{size}-byte file")
                 self._entries[name] = (dtype, shape, begin)
+            self._check_tiling(size - self._start, {k: (b, e) for k, (b, e) in
+                                                    ((k, v["data_offsets"]) for k, v in header.items())})
         except (ValueError, KeyError, TypeError) as exc:
             self._fh.close()
             raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); {HOW_TO_RECREATE}") from None
+
+    @staticmethod
+    def _check_tiling(data_bytes: int, spans: dict[str, tuple[int, int]]) -> None:
+        """The tensors' byte ranges must tile the data section in order, with no gap, overlap or negative
+        offset, and end where the file does (the format's rule, which the safetensors library enforces)."""
+        position = 0
+        for name, (begin, end) in sorted(spans.items(), key=lambda item: (item[1][0], item[1][1])):
+            if begin != position or end < begin:
+                raise ValueError(f"tensor {name!r} spans bytes {begin}..{end} of the data where {position} was next "
+                                 "(offsets overlap, leave a gap or are negative)")
+            position = end
+        if position != data_bytes:
+            raise ValueError(f"the tensors end at data byte {position} of {data_bytes}")
 
     def keys(self) -> list[str]:
         return list(self._entries)

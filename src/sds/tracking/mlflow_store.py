@@ -17,14 +17,14 @@ results/<run>/mlflow_pending/ and `python -m sds.cli sync` replays it later, wit
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from ..core.layout import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_LOCK, RESULTS
+from ..core.layout import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_LOCK
+from ..storage.atomic import exclusive
 
 log = logging.getLogger("sds.tracking")
 
@@ -37,15 +37,9 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(MLFLOW_DB).resolve()}"
 
 
-@contextlib.contextmanager
 def _store_lock():
-    Path(RESULTS).mkdir(parents=True, exist_ok=True)
-    with open(MLFLOW_LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """One process at a time writes to the tracking store (SQLite takes one writer)."""
+    return exclusive(MLFLOW_LOCK)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -77,12 +77,19 @@ def record_stage(config: dict, config_hash: str, stage: str, *, params: dict, me
 
 def sync_pending(run: str) -> tuple[int, int]:
     """Replays records kept while the store was unreachable, oldest stage first; returns (logged, still
-    pending). Records written before start/end were kept take the file's time."""
-    records = []
-    for path in Path(RunLayout(run).pending).glob("*.json"):
-        record = json.loads(path.read_text())
-        record.setdefault("end_ms", int(path.stat().st_mtime * 1000))
-        record.setdefault("start_ms", record["end_ms"])
+    pending). Records written before start/end were kept take the file's time; a damaged file is named and
+    left in place (counted as pending), and the others are synced."""
+    records, unreadable = [], 0
+    for path in sorted(Path(RunLayout(run).pending).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            record.setdefault("end_ms", int(path.stat().st_mtime * 1000))
+            record.setdefault("start_ms", record["end_ms"])
+        except (OSError, ValueError, AttributeError, TypeError) as exc:  # damaged: left in place, named
+            log.warning("sync: %s is not a readable record (%s); it is left in place, the others are synced",
+                        path, str(exc)[:200])
+            unreadable += 1
+            continue
         records.append((record["start_ms"], path.name, path, record))
     done = 0
     for _, _, path, record in sorted(records, key=lambda r: r[:2]):
@@ -94,7 +101,7 @@ def sync_pending(run: str) -> tuple[int, int]:
             continue
         path.unlink()
         done += 1
-    return done, len(records) - done
+    return done, len(records) - done + unreadable
 
 
 def track_stage(config: dict, stage: str, *, started: float, params=None, metrics=None, artifacts=(),
