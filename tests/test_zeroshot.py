@@ -318,6 +318,7 @@ def _eval(stage, method="", pattern="", recon="", acc=0.5):
 
 def test_report_has_zero_shot_table_and_csv_and_keeps_summary_columns(tmp_path):
     from sds.report.report import SUMMARY_COLUMNS, build_report
+    from sds.storage.documents import write_json
 
     cfg = validate_config({"run": "t"})
     evals = []
@@ -325,7 +326,7 @@ def test_report_has_zero_shot_table_and_csv_and_keeps_summary_columns(tmp_path):
                            _eval("prune1+adjust", "sparsegpt", "2:4", acc=0.65),
                            _eval("sds", "sparsegpt", "2:4", "default", acc=0.7)]):
         evals.append(str(tmp_path / f"e{i}.json"))
-        (tmp_path / f"e{i}.json").write_text(json.dumps(r))
+        write_json(tmp_path / f"e{i}.json", r, output=True)  # as the evaluation writes it, with its checksum
     out = tmp_path / "report"
     build_report(cfg, evals, [], out, tmp_path / "summary.csv", str(tmp_path), [])
     md = (out / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""Generates docs/configuration.md from config/schema.yaml: `python -m sds.core.config_docs` (a test keeps it in sync)."""
+"""Generates docs/configuration.md from config/schema.yaml: `python -m sds.core.config_docs` (a test keeps it
+in sync)."""
 from __future__ import annotations
 
 import json

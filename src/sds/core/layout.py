@@ -115,7 +115,8 @@ class RunLayout:
         out = [self.layer_inputs, self.dense_activations, self.tasks] + ([self.corpus, self.model] if builtin else [])
         for m in methods:
             for p in patterns:
-                out += [self.checkpoint(m, p, s) for s in ONE_SHOT_STAGES] + [self.export(m, p, s) for s in ONE_SHOT_STAGES]
+                out += [self.checkpoint(m, p, s) for s in ONE_SHOT_STAGES]
+                out += [self.export(m, p, s) for s in ONE_SHOT_STAGES]
                 out += [self.checkpoint(m, p, s, r) for r in recons for s in SETTING_STAGES]
         return out
 

@@ -1,1 +1,2 @@
-"""The report: Markdown and CSV tables (`report`), its figures (`figures` builds them from results, `plots` draws), model cards."""
+"""The report: Markdown and CSV tables (`report`), its figures (`figures` builds them, `plots` draws them),
+model cards."""

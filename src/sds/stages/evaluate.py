@@ -55,11 +55,11 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
             ppl = {f"ppl.{k}": v for k, v in read_json(evaluation, verify=True)["ppl"].items()}
         except CorruptFileError as exc:  # only a tag of the registered model: the export itself stands
             log.warning("the registered model carries no perplexity: %s", exc)
+    tags = {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
+            "sparsity": sparsity["overall"], **ppl}
     track_stage(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
-           tags={"sds_method": method, "sds_pattern": pattern},
-           model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL,
-                             {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
-                              "sparsity": sparsity["overall"], **ppl}))
+                tags={"sds_method": method, "sds_pattern": pattern},
+                model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL, tags))
 
 
 def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = None, weights: str | None = None,
@@ -102,10 +102,10 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     headline = headline_metrics(result)
     sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
     track_stage(config, f"evaluate/{label}", started=started, params={"label": label},
-           metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
+                metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
                     "seconds": result["seconds"], **zs_metrics},
-           parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
-           tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
+                parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
+                tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
 
 
 def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir: str,
@@ -121,4 +121,4 @@ def report(config: dict, evals: list[str], out: str, summary_csv: str, model_dir
     # on the pipeline's run too: checkpoints whose evaluation Snakemake kept from an earlier config logged
     # their numbers to that config's run only
     track_stage(config, "report", started=started, parent_artifacts=artifacts, artifacts=artifacts, parent_metrics=numbers,
-           metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})
+                metrics={"checkpoints": len(results), "rows": sum(len(r["ppl"]) for r in results), **numbers})
