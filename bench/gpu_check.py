@@ -47,8 +47,14 @@ def parity(work: Path, args) -> int:
         runs[run] = folder / args.method / slug
     final = {r: runs[r] / "default" / "sds" for r in runs}
     errors = {r: json.loads((final[r] / "layers.json").read_text())["linears"] for r in runs}
-    masks1 = {r: load_file(runs[r] / "prune1" / "masks.safetensors") for r in runs}
-    masks = {r: load_file(final[r] / "masks.safetensors") for r in runs}
+    from sds.model.checkpoints import MaskReader
+
+    def read_masks(path):  # bit-packed on disk: compared per weight, not per byte
+        reader = MaskReader(path, device="cpu")
+        return {k: reader[k] for k in reader.keys()}
+
+    masks1 = {r: read_masks(runs[r] / "prune1" / "masks.safetensors") for r in runs}
+    masks = {r: read_masks(final[r] / "masks.safetensors") for r in runs}
     weights = {r: load_file(final[r] / "weights.safetensors") for r in runs}
     repeat_equal = (errors["cuda"] == errors["cuda-again"] and
                     all(torch.equal(weights["cuda"][k], weights["cuda-again"][k]) for k in weights["cuda"]) and

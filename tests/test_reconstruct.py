@@ -246,3 +246,29 @@ def test_admm_steps_in_place_equal_the_textbook_iteration_bit_for_bit(penalty):
     got_W, got_Z, got_U = admm_iterate(A, C, W0, prox, rho=rho, iters=steps)
     assert torch.equal(got_W, W) and torch.equal(got_U, U) and torch.equal(got_Z, Z)
     assert torch.equal(W0, start)  # the caller's start is left alone
+
+
+def test_reconstruction_from_saved_upper_triangles_equals_the_old_whole_form_bit_for_bit(tmp_path):
+    """prune1's statistics saved as upper triangles give the very numbers the whole-H files gave."""
+    import json
+
+    from sds.algorithms import method as sds_method
+    from sds.model.statistics import StatsAccumulator
+    from sds.storage.safetensors import load_tensors_with_metadata, save_tensors
+
+    acc = StatsAccumulator(cross=False)
+    for seed in range(3):
+        acc.add({"fc1": correlated_inputs(256, 48, seed)}, None)
+    save_tensors(tmp_path / "triu.safetensors", *acc.to_tensors())
+    save_tensors(tmp_path / "whole.safetensors", {"fc1": acc._sums["fc1"][0] / acc.tokens},
+                 {"groups": json.dumps(acc._groups), "tokens": str(acc.tokens)})
+    g = torch.Generator().manual_seed(5)
+    Wd = torch.randn(24, 48, generator=g)
+    mask = torch.rand(24, 48, generator=g) > 0.5
+    results = []
+    for name in ("triu", "whole"):
+        saved = StatsAccumulator.from_tensors(*load_tensors_with_metadata(tmp_path / f"{name}.safetensors"))
+        results.append(sds_method.reconstruct_linear(RECON, Wd * mask, mask, Wd, saved.stats("fc1")))
+    (W_triu, info_triu), (W_whole, info_whole) = results
+    assert torch.equal(W_triu, W_whole) and info_triu == info_whole
+    assert (tmp_path / "triu.safetensors").stat().st_size < 0.55 * (tmp_path / "whole.safetensors").stat().st_size

@@ -243,3 +243,87 @@ def test_figures_are_byte_identical_across_renders(tmp_path):
     assert len(pngs) == 5
     for a, b in pngs:
         assert open(a, "rb").read() == open(b, "rb").read(), a
+
+
+# --- bytes on disk ---------------------------------------------------------------------------------------
+
+
+def _stage_table(report: str) -> dict[str, str]:
+    """'stage/job' → the bytes cell of the report's per-stage table."""
+    section = report[report.index("## Seconds per stage"):]
+    rows = [line.split("|")[1:-1] for line in section.splitlines()[6:]]
+    cells = {}
+    for row in rows:
+        if len(row) != 4 or row[0].strip().startswith("**"):
+            break
+        cells[f"{row[0].strip()}/{row[1].strip()}"] = row[3].strip()
+    return cells
+
+
+def _exact(cell: str) -> int | None:
+    return None if cell.strip("*") == "–" else int(cell.strip("*").split(" (")[0].replace(",", ""))
+
+
+def _size(path) -> int:
+    """du --apparent-size of an output: a folder's files, or a file and its sidecars (FILE.*)."""
+    from pathlib import Path
+
+    path = Path(path)
+    files = path.rglob("*") if path.is_dir() else path.parent.glob(path.name + "*")
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _multiple_rows(report: str) -> dict[str, tuple[int, str]]:
+    section = report[report.index("## Bytes on disk per method and pattern"):].split("\n\n")[2]
+    rows = [line.split("|")[1:-1] for line in section.splitlines()[2:]]
+    return {f"{r[0].strip()} {r[1].strip()}".strip(): (_exact(r[2].strip()), r[3].strip()) for r in rows}
+
+
+def test_the_bytes_column_is_each_outputs_size(tmp_path):
+    cfg, evals, benchmarks, ckpts, model_dir = synthetic_run(tmp_path, n_methods=2, n_patterns=1, layers=2)
+    R = tmp_path / "results" / "t"
+    stats = R / "sparsegpt" / "2of4" / "prune1" / "stats"  # prune1's statistics count as its output
+    stats.mkdir()
+    save_tensors(stats / "layer_000.safetensors", {"H": torch.zeros(3)})
+    build_report(cfg, evals, benchmarks, tmp_path / "report", tmp_path / "summary.csv", model_dir, ckpts)
+    report = (tmp_path / "report" / "report.md").read_text()
+    cells = _stage_table(report)
+    expected = {f"{s}/{m}_2of4": _size(R / m / "2of4" / s) for s in ("prune1", "prune1_adjust")
+                for m in ("sparsegpt", "wanda")}
+    assert {k: _exact(v) for k, v in cells.items() if _exact(v) is not None} == expected
+    assert expected["prune1/sparsegpt_2of4"] > expected["prune1/wanda_2of4"]
+    assert cells["report/report"] == "–", "the report's own output is not finished yet"
+    weights = (tmp_path / "model" / "model.safetensors").stat().st_size
+    rows = _multiple_rows(report)
+    mine = expected["prune1/sparsegpt_2of4"] + expected["prune1_adjust/sparsegpt_2of4"]
+    assert rows["sparsegpt 2:4"] == (mine, f"{mine / weights:.2f}×")
+    assert rows["**total**"][0] == sum(expected.values())
+    saved = json.loads((tmp_path / "report" / "bytes.json").read_text())
+    assert saved == {"stages": expected, "model_weights": weights}
+
+
+def test_the_pipelines_report_states_the_bytes_each_stage_wrote(micro_run):
+    """The micro run's own report (paths relative to Snakemake's working folder, the real benchmark names):
+    every job's bytes are its output's size; the totals are their sums and multiples of the model's weights."""
+    work, _, _ = micro_run
+    R = work / "results" / "micro"
+    report = (R / "report" / "report.md").read_text()
+    cells = _stage_table(report)
+    outputs = {"corpus/corpus": R / "corpus", "build_model/build_model": R / "model",
+               "calibration/calibration": R / "calibration.parquet",
+               "layer_inputs/layer_inputs": R / "activations" / "input",
+               "zeroshot_tasks/zeroshot_tasks": R / "tasks", "evaluate/dense": R / "eval" / "dense.json",
+               "prune1/sparsegpt_2of4": R / "sparsegpt" / "2of4" / "prune1",
+               "prune1_adjust/sparsegpt_2of4": R / "sparsegpt" / "2of4" / "prune1_adjust",
+               "reconstruct/sparsegpt_2of4_default": R / "sparsegpt" / "2of4" / "default" / "reconstruct",
+               "prune2/sparsegpt_2of4_default": R / "sparsegpt" / "2of4" / "default" / "sds",
+               "evaluate/sparsegpt_2of4_prune1": R / "eval" / "sparsegpt" / "2of4" / "prune1.json",
+               "evaluate/sparsegpt_2of4_prune1_adjust": R / "eval" / "sparsegpt" / "2of4" / "prune1_adjust.json",
+               "evaluate/sparsegpt_2of4_default_sds": R / "eval" / "sparsegpt" / "2of4" / "default" / "sds.json"}
+    assert set(cells) == set(outputs), "the report's own benchmark is written after it"
+    assert {job: _exact(cells[job]) for job in outputs} == {job: _size(p) for job, p in outputs.items()}
+    weights = sum(f.stat().st_size for f in (R / "model").glob("*.safetensors"))
+    rows = _multiple_rows(report)
+    mine = sum(_size(p) for job, p in outputs.items() if "sparsegpt" in job)
+    assert rows["sparsegpt 2:4"] == (mine, f"{mine / weights:.2f}×")
+    assert rows["(shared)"][0] + mine == rows["**total**"][0] == sum(_size(p) for p in outputs.values())

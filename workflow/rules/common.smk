@@ -145,15 +145,18 @@ def keys_of(stage):
     return deps
 
 
-def rule_resources(rule_name):
-    """Cluster resources of a heavy rule from config `resources`: its own entry over `default`, key by key.
-    Unset keys (and gpu 0) are left out, so the profile's default-resources and the rule's threads (as
-    --cpus-per-task) apply. Used as `resources: **rule_resources("name")`; see docs/cluster.md."""
-    merged = {**RESOLVED["resources"]["default"], **RESOLVED["resources"].get(rule_name, {})}
+def rule_resources(rule_name, inherits=None):
+    """Cluster resources of a rule that runs as a job, from config `resources`: `default`, then the entry
+    of `inherits` (reconstruct_layer takes reconstruct's), then the rule's own, key by key. Unset keys are
+    left out, so the profile's default-resources and the rule's threads (as --cpus-per-task) apply. A `gpu: 0`
+    is kept, so it also overrides a profile's default gpu (the SLURM plugin requests nothing for 0). Used as
+    `resources: **rule_resources("name")`; see docs/cluster.md."""
+    entries = [RESOLVED["resources"]["default"], RESOLVED["resources"].get(inherits, {}),
+               RESOLVED["resources"].get(rule_name, {})]
+    merged = {key: value for entry in entries for key, value in entry.items()}
     if not merged.get("gpu"):
-        merged.pop("gpu", None)
-        merged.pop("gpu_model", None)
-    return {key: value for key, value in merged.items() if value is not None}
+        merged.pop("gpu_model", None)  # with no GPU count the plugin would request `--gpus=<model>:1`
+    return merged
 
 
 wildcard_constraints:

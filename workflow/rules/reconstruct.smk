@@ -58,7 +58,7 @@ else:
           dense_arg=recon_dense_arg,
       threads: THREADS
       resources:
-          **rule_resources("reconstruct"),
+          **rule_resources("reconstruct_layer", inherits="reconstruct"),
       log:
           L.log("reconstruct", "{method}", "{pattern}", "{recon}", "layer{layer}"),
       benchmark:
@@ -76,6 +76,10 @@ else:
       params:
           deps=keys_of("reconstruct_gather"),
           parts=lambda wc, input: " ".join(f"parts={p}" for p in input.parts),
+      # a job too (it reads every layer's part and writes the whole checkpoint): without its own
+      # resources it would run on the profile's defaults whatever the config says
+      resources:
+          **rule_resources("reconstruct_gather"),
       log:
           L.log("reconstruct", "{method}", "{pattern}", "{recon}", "gather"),
       benchmark:

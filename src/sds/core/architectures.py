@@ -90,6 +90,21 @@ def check_tokenizer(folder: str | Path) -> None:
                                 "save the tokenizer beside the weights (tokenizer.save_pretrained(folder))")
 
 
+# Dtypes a checkpoint may declare (config.json's `dtype`, or `torch_dtype` before transformers 5) that a
+# stage runs in with `model.dtype: auto`.
+SOURCE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def source_dtype(model_config: dict) -> str:
+    """The dtype a checkpoint's config.json declares its weights in; float32 where it names none (as
+    transformers' own default). A dtype this pipeline does not run in is refused in one line."""
+    declared = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    if declared not in SOURCE_DTYPES:
+        raise ArchitectureError(f"config.json declares dtype {declared!r}; model.dtype 'auto' runs in "
+                                f"{', '.join(SOURCE_DTYPES)}: set model.dtype to one of them")
+    return declared
+
+
 def attention_window(model_config: dict) -> int | None:
     """The sliding-window size some layers use, or None when every layer attends to the whole context."""
     window = model_config.get("sliding_window")

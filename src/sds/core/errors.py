@@ -31,6 +31,11 @@ class NumericalError(FloatingPointError):
     """NaN/Inf found in activations or statistics; the message names the layer."""
 
 
+class DeviceError(RuntimeError):
+    """The configured device is not there (`device: cuda` on a machine without a usable GPU); the message
+    names the config key."""
+
+
 class CorruptFileError(RuntimeError):
     """A stage input that is missing, truncated or altered; the message says how to re-create it."""
 
@@ -45,4 +50,5 @@ class OutputWriteError(OSError):
 
 
 # What the CLI reports in one line (CorruptFileError and write errors get their own messages there).
-EXPECTED = (ConfigError, ModelError, DataError, NumericalError, FloatingPointError, FileNotFoundError)
+EXPECTED = (ConfigError, ModelError, DataError, DeviceError, NumericalError, FloatingPointError,
+            FileNotFoundError)

@@ -50,7 +50,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "prune2": _LAYER_PASS + ("activations.row_group_size", "prune2") + _CARD,  # + pruner keys + `prune2` overrides
     "export": ("model.dtype",) + _CARD,
     "zeroshot_tasks": ("seed", "evaluate.zeroshot.builtin_items"),
-    "evaluate": ("seed", "threads", "device", "model.dtype", "evaluate"),
+    "evaluate": ("seed", "threads", "device", "model.dtype", "forward_batch", "evaluate"),
     "report": ("report", "evaluate.datasets", "evaluate.seqlen", "calibration.source", "calibration.nsamples",
                "calibration.seqlen", "model.source"),
 }

@@ -2,20 +2,64 @@
 a pass finishes each, and loadable Hugging Face folders built from them.
 
 A stage checkpoint is a folder with weights.safetensors (every decoder linear, full state-dict names),
-masks.safetensors (keep-masks, uint8) and layers.json (per-linear figures). No stage holds more than one
+masks.safetensors (keep-masks, 8 per byte) and layers.json (per-linear figures). No stage holds more than one
 decoder layer's weights, whatever the depth.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..core.layout import LAYERS, MASKS, WEIGHTS
-from ..storage.checksums import checksum_folder
 from ..storage.documents import read_json, write_json, write_text
 from ..storage.safetensors import SafetensorsStreamWriter, TensorReader
-from .loading import LayerwiseModel, load_tokenizer
+from .loading import LayerwiseModel
+
+
+# masks.safetensors holds each keep-mask bit-packed, 8 inputs per byte (numpy.unpackbits(..., axis=1,
+# bitorder="little")[:, :columns] restores it): a uint8 per weight would be half a bf16 checkpoint's bytes
+# again in every folder that carries masks. The metadata names the format and each mask's column count.
+MASK_FORMAT = "packbits-little-1"
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (rows x columns) keep-mask as rows x ceil(columns / 8) bytes, input j in bit j % 8 of byte j // 8."""
+    rows, columns = mask.shape
+    padded = torch.zeros(rows, -(-columns // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :columns] = mask.to(torch.uint8)
+    return (padded.reshape(rows, -1, 8) * _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """The boolean keep-mask `pack_mask` packed."""
+    bits = (packed.unsqueeze(-1) & _BITS.to(packed.device)) != 0
+    return bits.reshape(packed.shape[0], -1)[:, :columns]
+
+
+class MaskReader:
+    """The keep-masks of a stage checkpoint, one at a time, unpacked onto the reader's device (files of the
+    earlier one-byte-per-weight form are read as they are)."""
+
+    def __init__(self, path: Path, *, device, verify: str = "file"):
+        self.file = TensorReader(path, device=device, verify=verify)
+        meta = self.file.metadata()
+        self.columns = json.loads(meta["columns"]) if meta.get("mask_format") == MASK_FORMAT else None
+
+    def keys(self) -> list[str]:
+        return self.file.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = self.file[name]
+        return unpack_mask(stored, self.columns[name]) if self.columns is not None else stored.bool()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class CheckpointWriter:
@@ -26,9 +70,10 @@ class CheckpointWriter:
         specs = lm.linear_specs(layers)
         self.out_dir, self.lm, self.infos, self.zeros = Path(out_dir), lm, {}, {}
         self.weights = SafetensorsStreamWriter(self.out_dir / WEIGHTS, specs)
-        self.masks = SafetensorsStreamWriter(self.out_dir / MASKS,
-                                             {k: (torch.uint8, shape) for k, (_, shape) in specs.items()}
-                                             ) if masks else None
+        self.masks = SafetensorsStreamWriter(
+            self.out_dir / MASKS, {k: (torch.uint8, (shape[0], -(-shape[1] // 8))) for k, (_, shape) in specs.items()},
+            {"mask_format": MASK_FORMAT, "columns": json.dumps({k: shape[1] for k, (_, shape) in specs.items()})}
+        ) if masks else None
 
     def add(self, i: int, layer_infos: dict[str, dict]) -> None:
         """Writes decoder layer i's current linear weights (and the masks in `layer_infos`)."""
@@ -40,7 +85,7 @@ class CheckpointWriter:
             info = dict(layer_infos[name])
             mask = info.pop("mask", None)
             if self.masks is not None:
-                self.masks.write(full, mask.to(torch.uint8))
+                self.masks.write(full, pack_mask(mask))
             self.infos[full] = info
         self.zeros[i] = (zeros, total)
 
@@ -70,13 +115,12 @@ def checkpoint_sparsity(lm: LayerwiseModel, weights: TensorReader) -> dict:
     return {"overall": zeros / max(total, 1), "per_layer": per_layer}
 
 
-def write_model_folder(lm: LayerwiseModel, model_dir, weights_file: Path, out: Path, card: str, *,
-                       trust_remote_code: bool = False) -> None:
+def write_model_folder(lm: LayerwiseModel, weights_file: Path, out: Path, card: str) -> None:
     """A loadable Hugging Face folder: the base checkpoint with every decoder linear replaced by the ones in
-    `weights_file` (one tensor in memory at a time), the base tokenizer, checksums and the model card."""
+    `weights_file` (one tensor in memory at a time, in the base's dtype and shards), the base's config and
+    tokenizer files, checksums (written with each shard) and the model card."""
     lm.save_pretrained(out, TensorReader(weights_file, device="cpu"))
-    load_tokenizer(model_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
-    checksum_folder(out)
+    lm.copy_tokenizer(out)
     write_text(out / "README.md", card)
 
 

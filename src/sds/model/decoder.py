@@ -29,6 +29,20 @@ def decoder_layers_prefix(model: nn.Module) -> str:
     raise ModelError("decoder layers are not registered as a submodule")
 
 
+def final_modules(model: nn.Module) -> list[nn.Module]:
+    """What the model applies between its last decoder layer and the output head, in order (OPT: the final
+    LayerNorm where it has one, and project_out where hidden and embedding sizes differ; LLaMA family: the
+    final RMSNorm)."""
+    inner = getattr(model, "model", model)
+    decoder = getattr(inner, "decoder", None)
+    if decoder is not None:  # OPT
+        return [m for m in (getattr(decoder, "final_layer_norm", None), getattr(decoder, "project_out", None))
+                if m is not None]
+    if getattr(inner, "norm", None) is None:
+        raise ModelError(f"{type(model).__name__}: no final norm found after the decoder layers")
+    return [inner.norm]
+
+
 def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The layer's nn.Linear modules by qualified name, in forward order."""
     return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}

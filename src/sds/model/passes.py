@@ -161,9 +161,9 @@ def layer_statistics(lm: LayerwiseModel, i: int, settings: dict, *, dense_dir, p
     dense layer (which layer i still holds) on a cached stream: prune1's stream/ or the dense cache."""
     cross = settings["target"] == "dense_stream"
     if settings["inputs"] == "pruned" and not cross:
-        tensors, meta = load_tensors_with_metadata(stats_file(prune1_dir, i),
-                                                   device=lm.device)
-        return StatsAccumulator.from_tensors(tensors, meta)
+        path = stats_file(prune1_dir, i)
+        tensors, meta = load_tensors_with_metadata(path, device=lm.device)
+        return StatsAccumulator.from_tensors(tensors, meta, source=path)
     if dense_dir is None:  # every other setting reads the dense model's own hidden states
         raise ValueError(f"reconstruction with inputs {settings['inputs']!r} and target {settings['target']!r} needs "
                          "the dense activation cache (dense_dir)")

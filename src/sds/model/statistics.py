@@ -14,10 +14,58 @@ import torch
 from torch import nn
 
 from ..algorithms.objective import LinearStats
-from ..core.errors import NumericalError
+from ..core.errors import HOW_TO_RECREATE, CorruptFileError, NumericalError
 from .decoder import find_linears, run_layer
 
 log = logging.getLogger(__name__)
+
+# The saved statistics' form (metadata "stats_format"): "triu-1" stores each exactly symmetric H as its upper
+# triangle, row by row (half the bytes, restored bit for bit), any other H whole; files without the field
+# (the first form) hold every H whole.
+STATS_FORMAT = "triu-1"
+
+
+_TILE = 128  # the tiles the lower triangle is compared and copied in: transposing a whole 14336² H strides
+#              through memory (seconds on a CPU); 128² tiles stay in cache (on a GPU: a few thousand copies)
+
+
+def _tiles(n: int) -> list[tuple[int, int]]:
+    return [(a, min(a + _TILE, n)) for a in range(0, n, _TILE)]
+
+
+def pack_symmetric(H: torch.Tensor) -> torch.Tensor | None:
+    """H's upper triangle (1-D, row by row: torch.triu_indices' order) if H equals its transpose bit for bit,
+    else None. Copied row by row: no index tensor (triu_indices' int64 pairs, or the ones a boolean mask
+    index builds, take 8 n(n+1) bytes: 1.6 GB at n = 14336)."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        return None
+    n, tiles = H.shape[0], _tiles(H.shape[0])
+    for k, (a, b) in enumerate(tiles):
+        if not all(torch.equal(H[a:b, c:d], H[c:d, a:b].mT) for c, d in tiles[k:]):
+            return None
+    packed = torch.empty(n * (n + 1) // 2, dtype=H.dtype, device=H.device)
+    start = 0
+    for i in range(n):
+        packed[start:start + n - i] = H[i, i:]
+        start += n - i
+    return packed
+
+
+def unpack_symmetric(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n × n matrix whose upper triangle `pack_symmetric` gave: both halves copied, not computed."""
+    H = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    start = 0
+    for i in range(n):
+        H[i, i:] = packed[start:start + n - i]
+        start += n - i
+    tiles = _tiles(n)
+    for k, (a, b) in enumerate(tiles):  # the lower triangle: H[j, i] = H[i, j]
+        diagonal = H[a:b, a:b]
+        upper = torch.ones(b - a, b - a, dtype=torch.bool, device=packed.device).triu_()
+        diagonal.copy_(torch.where(upper, diagonal, diagonal.mT))
+        for c, d in tiles[:k]:
+            H[a:b, c:d] = H[c:d, a:b].mT
+    return H
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -82,20 +130,50 @@ class StatsAccumulator:
         self.tokens += n or 0
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The normalised second moments (one tensor per distinct input) and, as metadata, which linear
-        reads which, so `from_tensors` restores an equivalent accumulator (e.g. in another stage)."""
+        """The normalised second moments (one tensor per distinct input, each symmetric one as its upper
+        triangle: see STATS_FORMAT) and, as metadata, which linear reads which and each moment's width, so
+        `from_tensors` restores an equivalent accumulator (e.g. in another stage) with the very same H."""
         if self.cross:
             raise ValueError("only plain (non-cross) statistics are saved")
-        tensors = {owner: sums[0] / max(self.tokens, 1) for owner, sums in self._sums.items()}
-        return tensors, {"groups": json.dumps(self._groups), "tokens": str(self.tokens)}
+        tensors, layout = {}, {}
+        for owner, sums in self._sums.items():
+            H = sums[0] / max(self.tokens, 1)
+            packed = pack_symmetric(H)
+            tensors[owner] = H if packed is None else packed
+            layout[owner] = [H.shape[0], "full" if packed is None else "triu"]
+        return tensors, {"groups": json.dumps(self._groups), "tokens": str(self.tokens), "stats_format": STATS_FORMAT,
+                         "layout": json.dumps(layout, sort_keys=True)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "StatsAccumulator":
-        """Statistics saved by `to_tensors` (already on the device they will be used on)."""
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source=None
+                     ) -> "StatsAccumulator":
+        """Statistics saved by `to_tensors` (already on the device they will be used on), of either form;
+        `source` (the file) is named if they are of an unknown form or do not fit their metadata."""
+        def refuse(why: str):
+            return CorruptFileError(f"{source or 'statistics'}: {why}; re-run prune1 ({HOW_TO_RECREATE})", source)
+
+        form = meta.get("stats_format")
+        if form not in (None, STATS_FORMAT):
+            raise refuse(f"statistics of an unknown form {form!r}")
+        try:
+            groups = json.loads(meta["groups"])
+            layout = json.loads(meta["layout"]) if form else {o: [t.shape[0] if t.dim() else 0, "full"]
+                                                              for o, t in tensors.items()}
+        except (KeyError, ValueError) as exc:
+            raise refuse(f"unreadable statistics metadata ({exc})") from None
+        if sorted(layout) != sorted(tensors) or not set(groups.values()) <= set(tensors):
+            raise refuse("the statistics' metadata does not match its tensors")
         acc = cls(cross=False)
-        acc._groups = json.loads(meta["groups"])
+        acc._groups = groups
         acc.tokens = 1  # the saved moments are already normalised
-        acc._sums = {owner: [H] for owner, H in tensors.items()}
+        for owner, t in tensors.items():
+            n, kind = layout[owner]
+            if kind == "triu" and tuple(t.shape) == (n * (n + 1) // 2,):
+                acc._sums[owner] = [unpack_symmetric(t, n)]
+            elif kind == "full" and tuple(t.shape) == (n, n):
+                acc._sums[owner] = [t]
+            else:
+                raise refuse(f"statistics {owner!r} are {list(t.shape)}, not the {kind} form of {n} × {n}")
         return acc
 
     def stats(self, name: str) -> LinearStats:

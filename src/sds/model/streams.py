@@ -35,12 +35,12 @@ def forward_batch_size(setting, *, nsamples: int, seqlen: int, hidden: int, ffn:
     if device.type == "cuda":
         budget = min(torch.cuda.get_device_properties(device).total_memory // 4, 8 << 30)
     else:
-        budget = min(_host_memory_bytes() // 10, 4 << 30)
+        budget = min(host_memory_bytes() // 10, 4 << 30)
     per_sequence = seqlen * _FLOATS_PER_TOKEN(hidden, ffn) * 4 + heads * seqlen * seqlen * 4
     return max(1, min(nsamples, budget // max(per_sequence, 1)))
 
 
-def _host_memory_bytes() -> int:
+def host_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -150,7 +150,7 @@ def held_stream_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        total = _host_memory_bytes()
+        total = host_memory_bytes()
     return min(total // 16, 2 << 30)
 
 

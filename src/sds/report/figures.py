@@ -138,9 +138,10 @@ def _histograms(config, model_dir, checkpoints: list[Checkpoint]) -> Plot | None
 
 def _dense_tensor(model_dir, wanted) -> tuple[str | None, object]:
     """The first tensor (files in name order, names sorted) of the model folder whose name `wanted`
-    accepts, read alone: (its name, the tensor), or (None, None). Files this project wrote are verified."""
+    accepts, read alone: (its name, the tensor), or (None, None). Files this project wrote are verified (the
+    tensor read, where they record per-tensor digests)."""
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        reader = TensorReader(f, device="cpu") if sidecar(f).is_file() else SafetensorsFile(f)
+        reader = TensorReader(f, device="cpu", verify="per_tensor") if sidecar(f).is_file() else SafetensorsFile(f)
         try:
             key = next((k for k in sorted(reader.keys()) if wanted(k)), None)
             if key is not None:
@@ -151,8 +152,8 @@ def _dense_tensor(model_dir, wanted) -> tuple[str | None, object]:
 
 
 def _checkpoint_tensor(weights_file: Path, key: str | None):
-    """One tensor of a stage checkpoint (checksum verified), or None where it lacks it."""
-    reader = TensorReader(weights_file, device="cpu")
+    """One tensor of a stage checkpoint (its bytes verified, not the whole file's), or None where it lacks it."""
+    reader = TensorReader(weights_file, device="cpu", verify="per_tensor")
     try:
         return reader[key] if key is not None and key in reader else None
     finally:

@@ -1,14 +1,18 @@
-"""What the report reads: evaluation JSONs, Snakemake's benchmark files and the checkpoint folders (which
-(method, pattern, setting, stage) each holds, from core.layout; their per-linear errors)."""
+"""What the report reads: evaluation JSONs, Snakemake's benchmark files, the checkpoint folders (which
+(method, pattern, setting, stage) each holds, from core.layout; their per-linear errors) and the bytes each
+stage's output takes on disk."""
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.layout import LAYERS, benchmark_job, place_of
+from ..core.layout import LAYERS, ONE_SHOT_STAGES, Place, RunLayout, benchmark_job, place_of
 from ..core.patterns import pattern_from_slug
+from ..storage.digests import CHECKSUM_SUFFIX, TENSORS_SUFFIX
 from ..storage.documents import read_json
+from ..storage.records import OUTPUT_RECORD
 from .plots import LayerErrors
 
 
@@ -65,3 +69,92 @@ def layer_errors(checkpoints: list[Checkpoint]) -> list[LayerErrors]:
                                {name: float(info["rel_error"]) for name, info in linears.items()
                                 if "rel_error" in info}))
     return out
+
+
+# what lies beside a file output and is written with it: its checksum, per-tensor digests, ownership record
+_BESIDE = (CHECKSUM_SUFFIX, TENSORS_SUFFIX, OUTPUT_RECORD)
+
+
+def bytes_on_disk(path: str | Path) -> int | None:
+    """The sizes of the files of an output summed: a folder's files at any depth, or a file and what is
+    written beside it (_BESIDE); symbolic links are not followed (what they point to is not this output's).
+    None if it is not there."""
+    path = Path(path)
+    if path.is_symlink() or not path.exists():
+        return None
+    if path.is_file():
+        return sum(f.lstat().st_size for f in [path, *(path.with_name(path.name + s) for s in _BESIDE)]
+                   if f.is_file() and not f.is_symlink())
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            total += st.st_size if not os.path.islink(os.path.join(folder, name)) else 0
+    return total
+
+
+def model_weights_bytes(model_dir: str | Path) -> int | None:
+    """The source model's weights: its *.safetensors files (a hub snapshot's links followed), or None."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What one benchmarked job wrote: its outputs (layout paths) and the (method, pattern slug) it belongs
+    to, empty for the stages every method shares."""
+    paths: tuple[Path, ...]
+    method: str = ""
+    pattern: str = ""
+
+
+def _jobs(root: Path, places) -> dict[str, StageOutput]:
+    """Every job's outputs in the run folder `root`, for the (method, pattern, setting)s of `places`."""
+    L = RunLayout(root.name)
+
+    def out(*layout_paths: str, place=None) -> StageOutput:
+        paths = tuple(root / Path(p).relative_to(L.root) for p in layout_paths)
+        return StageOutput(paths, *((place.method, place.pattern) if place else ()))
+
+    jobs = {"corpus": out(L.corpus), "build_model": out(L.model), "calibration": out(L.calibration),
+            "layer_inputs": out(L.layer_inputs), "activations": out(L.dense_activations),
+            "zeroshot_tasks": out(L.tasks)}
+    jobs = {benchmark_job(L.benchmark(stage)): o for stage, o in jobs.items()}
+    jobs[benchmark_job(L.benchmark("evaluate", "dense"))] = out(L.evaluation())
+    for pl in {Place(pl.method, pl.pattern, "") for pl in places}:
+        m, p = pl.method, pl.pattern
+        for stage in ONE_SHOT_STAGES:
+            jobs[benchmark_job(L.benchmark(stage, m, p))] = out(L.checkpoint(m, p, stage), place=pl)
+            jobs[benchmark_job(L.benchmark("evaluate", m, p, stage))] = out(L.evaluation(m, p, stage), place=pl)
+            jobs[benchmark_job(L.benchmark("export", m, p, stage))] = out(L.export(m, p, stage), place=pl)
+    for pl in {Place(pl.method, pl.pattern, "", pl.recon) for pl in places if pl.recon}:
+        m, p, r = pl.method, pl.pattern, pl.recon
+        parts = str(Path(L.reconstruct_layer(m, p, r, "0")).parent)  # a layer-parallel run's per-layer parts
+        jobs[benchmark_job(L.benchmark("reconstruct", m, p, r))] = out(L.reconstruct(m, p, r), parts, place=pl)
+        jobs[benchmark_job(L.benchmark("prune2", m, p, r))] = out(L.sds(m, p, r), place=pl)
+        jobs[benchmark_job(L.benchmark("evaluate", m, p, r, "sds"))] = out(L.evaluation(m, p, "sds", r), place=pl)
+    return jobs
+
+
+def stage_outputs(benchmarks: list[str], checkpoints: list[str]) -> dict[str, StageOutput]:
+    """'stage/job' (benchmark_seconds' keys) → what that job wrote, for the jobs among `benchmarks` whose output
+    the layout knows (not the report's own). The run's folder is the one that holds the benchmark files (so
+    relative and absolute paths both work); the (method, pattern, setting)s are the `checkpoints`' places."""
+    places = [place_of(c) for c in checkpoints]
+    known: dict[Path, dict[str, StageOutput]] = {}
+    found = {}
+    for path in map(Path, benchmarks):
+        root = path.parent.parent.parent  # results/<run>/benchmarks/<stage>/<job>.tsv
+        if root not in known:
+            known[root] = _jobs(root, places)
+        jobs = known[root]
+        if benchmark_job(path) in jobs:
+            found[benchmark_job(path)] = jobs[benchmark_job(path)]
+    return found
+
+
+def output_bytes(outputs: dict[str, StageOutput]) -> dict[str, int]:
+    """'stage/job' → bytes on disk of what it wrote (the outputs that are there)."""
+    sizes = {job: [bytes_on_disk(p) for p in out.paths] for job, out in outputs.items()}
+    return {job: sum(n for n in found if n is not None) for job, found in sizes.items()
+            if any(n is not None for n in found)}

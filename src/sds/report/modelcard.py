@@ -25,7 +25,9 @@ tags: [sparse, pruning, sds]
 
 - Base model: `{config['model']['source']}`
 - Method: {STAGE_TITLES[stage]}, with `{method}` as the pruner, pattern `{pattern}`
-- Achieved sparsity of decoder linear weights: {sparsity['overall']:.4f} (exact zeros; masks in `../masks.safetensors`)
+- Achieved sparsity of decoder linear weights: {sparsity['overall']:.4f} (exact zeros; keep-masks in
+  `../masks.safetensors`, 8 inputs per byte: `numpy.unpackbits(m, axis=1, bitorder="little")[:, :columns]`
+  restores one, with `columns` from the file's metadata)
 {early_exit}- Config hash: `{config_hash(resolved_config(config))}`; sds {__version__}
 - Calibration metric: mean relative output error of the pruned linears vs the dense layers
   {mean_error:.5f} ({len(errors)} linears, {config['calibration']['nsamples']} × {config['calibration']['seqlen']} tokens)

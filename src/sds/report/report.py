@@ -1,6 +1,7 @@
-"""The report: a Markdown table and CSVs of every evaluated checkpoint, seconds per stage (from Snakemake's
-benchmark files) and the figures (`figures`): perplexity increase over dense, per-linear relative errors
-by stage, zero-shot accuracy, seconds per stage, weight histograms."""
+"""The report: a Markdown table and CSVs of every evaluated checkpoint, seconds and bytes on disk per stage
+(from Snakemake's benchmark files and the outputs the layout names) and the figures (`figures`): perplexity
+increase over dense, per-linear relative errors by stage, zero-shot accuracy, seconds per stage, weight
+histograms."""
 from __future__ import annotations
 
 import csv
@@ -9,10 +10,12 @@ import json
 from pathlib import Path
 
 from ..core.layout import ZEROSHOT_SUMMARY_CSV
+from ..core.patterns import pattern_from_slug
 from ..storage.atomic import atomic_path, exclusive
 from ..storage.documents import write_text
 from .figures import figures
-from .inputs import benchmark_seconds, checkpoint_of, layer_errors, read_evals
+from .inputs import (benchmark_seconds, checkpoint_of, layer_errors, model_weights_bytes, output_bytes, read_evals,
+                     stage_outputs)
 from .plots import STAGE_ORDER, LayerErrors, make_series, save_png
 
 SUMMARY_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "dataset", "ppl", "sparsity"]
@@ -62,6 +65,8 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
                          "pattern": r["pattern"] or "-", "stage": r["stage"], "recon": r["recon"] or "-",
                          "dataset": ds, "ppl": f"{r['ppl'][ds]:.4f}", "sparsity": f"{r['sparsity']:.4f}"})
     seconds = benchmark_seconds(benchmarks)
+    outputs = stage_outputs(benchmarks, checkpoints)
+    sizes = output_bytes(outputs)
     ckpts = [checkpoint_of(c) for c in checkpoints]
     errors = layer_errors(ckpts)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,18 +114,71 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     _merge_summary(summary_csv.with_name(Path(ZEROSHOT_SUMMARY_CSV).name), config["run"], zs_rows, ZEROSHOT_COLUMNS)
     lines += _zeroshot_section(results)
     lines += figure_lines("zeroshot.png")
-    lines += ["## Seconds per stage (Snakemake benchmark wall time)", "", "| stage | job | seconds |", "|---|---|---|"]
+    lines += ["## Seconds per stage (Snakemake benchmark wall time) and bytes on disk", "",
+              "Bytes: the sizes of the files of each job's output (folder, or file with its checksums) as they "
+              "are now.", "",
+              "| stage | job | seconds | bytes on disk |", "|---|---|---|---|"]
     for key in sorted(seconds):
         stage, job = key.split("/", 1)
-        lines.append(f"| {stage} | {job} | {seconds[key]:.1f} |")
+        lines.append(f"| {stage} | {job} | {seconds[key]:.1f} | {_bytes_cell(sizes.get(key))} |")
     total = sum(seconds.values())
-    lines += [f"| **total** | | **{total:.1f}** |", ""]
+    written = sum(sizes[k] for k in seconds if k in sizes)
+    lines += [f"| **total** | | **{total:.1f}** | **{_bytes_cell(written)}** |", ""]
+    weights = model_weights_bytes(model_dir)
+    lines += _bytes_section(outputs, sizes, weights)
     lines += figure_lines("seconds.png")
     lines += ["Per-stage sparsity and pattern checks: see `table.csv` and the `evaluate` JSON files.", ""]
     lines += figure_lines("histograms.png")
     write_text(out / "report.md", "\n".join(lines).rstrip("\n") + "\n")
     write_text(out / "seconds.json", json.dumps(seconds, indent=2, sort_keys=True) + "\n")
+    write_text(out / "bytes.json", json.dumps({"stages": sizes, "model_weights": weights}, indent=2, sort_keys=True)
+               + "\n")
     return [str(out / "report.md"), str(table_csv), str(out / "zeroshot.csv"), *saved]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _bytes_cell(n: int | None) -> str:
+    """Exact bytes and their size in binary units, or – for an output not on disk (or not known)."""
+    return "–" if n is None else f"{n:,} ({_human(n)})"
+
+
+def _pattern_name(slug: str) -> str:
+    try:
+        return str(pattern_from_slug(slug))
+    except ValueError:
+        return slug
+
+
+def _bytes_section(outputs: dict, sizes: dict[str, int], weights: int | None) -> list[str]:
+    """Bytes on disk per (method, pattern) (its checkpoints, statistics, reconstructions, evaluations) and
+    of the stages every method shares, each also as a multiple of the source model's weights."""
+    if not sizes:
+        return []
+    groups: dict[tuple[str, str], int] = {}
+    for job, n in sizes.items():
+        key = (outputs[job].method, outputs[job].pattern)
+        groups[key] = groups.get(key, 0) + n
+
+    def times(n: int) -> str:
+        return f"{n / weights:.2f}×" if weights else "–"
+
+    lines = ["## Bytes on disk per method and pattern", "",
+             f"Source model weights (`*.safetensors`): {_bytes_cell(weights)}.", "",
+             "| method | pattern | bytes on disk | × model weights |", "|---|---|---|---|"]
+    for method, slug in sorted(k for k in groups if k[0]):
+        n = groups[(method, slug)]
+        lines.append(f"| {method} | {_pattern_name(slug)} | {_bytes_cell(n)} | {times(n)} |")
+    if ("", "") in groups:
+        lines.append(f"| (shared) | | {_bytes_cell(groups[('', '')])} | {times(groups[('', '')])} |")
+    total = sum(groups.values())
+    return lines + [f"| **total** | | **{_bytes_cell(total)}** | **{times(total)}** |", ""]
 
 
 def _layer_error_section(errors: list[LayerErrors]) -> list[str]:

@@ -41,17 +41,18 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
                                    windows=windows.shape[0], seqlen=windows.shape[1])])
 
 
-def _calibration_pass(config: dict, model_dir: str, calibration_file: str, out: str, write, dtype: str
+def _calibration_pass(config: dict, model_dir: str, calibration_file: str, out: str, write, dtype: str | None
                       ) -> tuple[int, int]:
     """Runs `write(config, lm, windows, folder)` into the output folder `out` with its manifest (layers,
-    nsamples, seqlen and the cache `dtype`: what the stages after it read); returns (layers, windows)."""
+    nsamples, seqlen and the cache `dtype`, None: the model's): what the stages after it read); returns
+    (layers, windows)."""
     device = setup(config)
     lm = layerwise_model(config, model_dir, device)
     windows = read_calibration(calibration_file)
     with atomic_dir(out) as tmp:
         write(config, lm, windows, tmp)
         write_json(tmp / MANIFEST, {"layers": len(lm), "nsamples": windows.shape[0], "seqlen": windows.shape[1],
-                                    "dtype": dtype})
+                                    "dtype": dtype or str(lm.dtype).removeprefix("torch.")})
     return len(lm), windows.shape[0]
 
 
@@ -61,8 +62,7 @@ def layer_inputs(config: dict, model_dir: str, calibration_file: str, out: str) 
     from ..model.passes import write_layer_inputs
 
     started = time.time()
-    layers, windows = _calibration_pass(config, model_dir, calibration_file, out, write_layer_inputs,
-                                        config["model"]["dtype"])
+    layers, windows = _calibration_pass(config, model_dir, calibration_file, out, write_layer_inputs, None)
     log.info("layer inputs: %d windows, %d decoder layers", windows, layers)
     track_stage(config, "layer_inputs", started=started, metrics={"layers": layers, "windows": windows})
 

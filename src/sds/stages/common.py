@@ -9,6 +9,7 @@ import torch
 
 from ..core.layout import MANIFEST, MASKS, WEIGHTS, place_of
 from ..core.runtime import setup
+from ..model.checkpoints import MaskReader
 from ..model.loading import LayerwiseModel
 from ..storage.documents import read_json
 from ..storage.safetensors import TensorReader
@@ -41,11 +42,13 @@ def start_layer_stage(config: dict, model_dir: str, inputs_dir: str) -> LayerSta
     return LayerStage(device, lm, *calibration_shape(inputs_dir))
 
 
-def checkpoint_readers(folder, device, *, masks: bool = True) -> tuple[TensorReader, TensorReader | None]:
-    """(weights, masks) of a stage checkpoint, read one tensor at a time onto `device`."""
+def checkpoint_readers(folder, device, *, masks: bool = True, verify: str = "file"
+                       ) -> tuple[TensorReader, MaskReader | None]:
+    """(weights, masks) of a stage checkpoint, read one tensor at a time onto `device`; `verify`: see
+    TensorReader ("per_tensor" for a job that reads only some layers: it hashes what it reads)."""
     folder = Path(folder)
-    return (TensorReader(folder / WEIGHTS, device=device),
-            TensorReader(folder / MASKS, device=device) if masks else None)
+    return (TensorReader(folder / WEIGHTS, device=device, verify=verify),
+            MaskReader(folder / MASKS, device=device, verify=verify) if masks else None)
 
 
 def checkpoint_tags(folder, recon: str | None = None) -> tuple[str, str, dict]:

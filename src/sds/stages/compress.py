@@ -100,7 +100,8 @@ def _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, re
     settings = _dense_phase(config, recon)
     lm = layerwise_model(config, model_dir, device)
     nsamples, seqlen = calibration_shape(inputs_dir)
-    first, masks = checkpoint_readers(prune1_dir, device)
+    # a layer job reads its layer's tensors only: each is verified as it is read, not the whole file first
+    first, masks = checkpoint_readers(prune1_dir, device, verify="per_tensor")
     todo = list(range(len(lm))) if layers is None else layers
 
     def update(i, name, W, W_dense, stats):
@@ -187,9 +188,8 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                                 what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
-        write_model_folder(stage.lm, model_dir, tmp / WEIGHTS, tmp / MODEL,
-                           model_card(config, "sds", method, pat, checkpoint.sparsity(), summary),
-                           trust_remote_code=config["model"]["trust_remote_code"])
+        write_model_folder(stage.lm, tmp / WEIGHTS, tmp / MODEL,
+                           model_card(config, "sds", method, pat, checkpoint.sparsity(), summary))
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
     track_stage(config, f"prune2/{method}/{pattern}/{recon}", started=started,

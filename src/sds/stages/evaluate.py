@@ -14,12 +14,10 @@ from ..core.patterns import pattern_from_slug
 from ..core.runtime import provenance, setup
 from ..core.stage_keys import resolved_config
 from ..model.checkpoints import checkpoint_sparsity, write_model_folder
-from ..model.loading import apply_weights, load_model
 from ..report.modelcard import model_card
 from ..storage.atomic import atomic_dir
 from ..storage.checksums import checksum_folder
 from ..storage.documents import read_json, write_json
-from ..storage.safetensors import load_tensors
 from ..tracking.stage_runs import track_stage
 from .common import checkpoint_readers, layerwise_model
 
@@ -43,9 +41,8 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
         for name in (MASKS, LAYERS):
             shutil.copyfile(Path(checkpoint) / name, tmp / name)
         checksum_folder(tmp)
-        write_model_folder(lm, model_dir, Path(checkpoint) / WEIGHTS, tmp / MODEL,
-                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary),
-                           trust_remote_code=config["model"]["trust_remote_code"])
+        write_model_folder(lm, Path(checkpoint) / WEIGHTS, tmp / MODEL,
+                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary))
     log.info("exported %s %s %s to %s", stage, method, pattern, out)
     # its perplexity, if this checkpoint's evaluation ran
     evaluation = Path(RunLayout(config["run"]).evaluation(method, pattern, stage))
@@ -62,12 +59,31 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
                 model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL, tags))
 
 
+def whole_model_budget(device) -> int:
+    """Bytes of weights evaluation loads whole on `device` (for lm-eval): 80 % of a GPU's total memory,
+    half the host's on the CPU; a larger model is placed by accelerate, the rest offloaded to disk.
+    Measured sizes, not free memory: the same config takes the same path on the same hardware."""
+    import torch
+
+    from ..model.streams import host_memory_bytes
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+    return host_memory_bytes() // 2
+
+
 def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = None, weights: str | None = None,
              stage: str = "dense", method: str = "", pattern: str = "", recon: str = "",
              tasks_dir: str | None = None) -> None:
     """Perplexity on every configured dataset, zero-shot accuracy (lm-eval-harness) and the achieved
-    sparsity of one checkpoint. `tasks_dir`: the built-in tasks' data (the zeroshot_tasks step's output)."""
-    from ..evaluation.perplexity import evaluate_checkpoint, pattern_violations
+    sparsity of one checkpoint: the model folder `model_dir`, with the decoder linears of `weights` (a
+    first-prune checkpoint's) where given. Perplexity runs one decoder layer at a time whatever the
+    model's size; zero-shot needs the model whole (see whole_model_budget). `tasks_dir`: the built-in tasks'
+    data (the zeroshot_tasks step's output)."""
+    from ..evaluation.perplexity import evaluate_layerwise, zeroshot_scores
+    from ..model.loading import load_tokenizer, whole_model
+    from ..storage.atomic import scratch_dir
+    from ..storage.safetensors import TensorReader
     from ..tracking.entries import evaluated_model_entry, headline_metrics, text_input
 
     started = time.time()
@@ -78,19 +94,24 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
 
         zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
     device = setup(config)
-    model, tokenizer = load_model(model_dir, dtype=config["model"]["dtype"],
-                                  trust_remote_code=config["model"]["trust_remote_code"], device=str(device))
-    if weights:
-        apply_weights(model, load_tensors(weights, device=device))
+    lm = layerwise_model(config, model_dir, device)
+    trust = config["model"]["trust_remote_code"]
+    tokenizer = load_tokenizer(lm.folder, trust_remote_code=trust)
     label = "/".join(x for x in (method, pattern, recon, stage) if x)
     result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
               "recon": recon}
     start = time.monotonic()
-    scores, texts = evaluate_checkpoint(model, tokenizer, config, label=label, corpus_dir=corpus_dir,
-                                        zeroshot_files=zs_files)
+    with scratch_dir(out) as work:
+        reader = TensorReader(weights, device=device) if weights else None
+        scores, texts = evaluate_layerwise(
+            lm, tokenizer, config, label=label, weights=reader, pattern=pattern_from_slug(pattern) if pattern else None,
+            corpus_dir=corpus_dir, work_dir=work)
+        if zs_files:
+            model = whole_model(lm, weights_file=Path(weights) if weights else None, budget=whole_model_budget(device),
+                                work_dir=work, trust_remote_code=trust)
+            scores["zeroshot"] = zeroshot_scores(model, tokenizer, config, zs_files, label=label)
+            del model
     result.update(scores)
-    if pattern:
-        result["pattern_violations"] = pattern_violations(model, pattern_from_slug(pattern))
     result["seconds"] = time.monotonic() - start
     result["config_hash"], result["provenance"] = config_hash(resolved_config(config)), provenance()
     write_json(out, result, output=True)

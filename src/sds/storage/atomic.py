@@ -111,11 +111,17 @@ class TempFile:
         """Write errors inside the block name `path`, not the temporary."""
         return _naming(self.path)
 
-    def commit(self, *, checksum: bool = False, record: bool = False) -> None:
+    def commit(self, *, checksum: bool = False, record: bool = False, digest: str | None = None,
+               sidecars: dict[Path, str] | None = None) -> None:
+        """`checksum`: writes the checksum sidecar first, of `digest` (taken by a writer as it wrote the
+        bytes) or else of the file read back; `sidecars`: more files (path → text) written before the rename."""
         with self.naming():
-            if checksum:  # sidecar first: a kill between the two leaves no unverifiable file
+            if checksum:  # sidecars first: a kill between them and the rename leaves no unverifiable file
                 with atomic_path(sidecar(self.path)) as side:
-                    side.write_text(file_digest(self.tmp) + "\n")
+                    side.write_text((digest or file_digest(self.tmp)) + "\n")
+            for path, text in (sidecars or {}).items():
+                with atomic_path(path) as side:
+                    side.write_text(text)
             _publish_mode(self.tmp, is_dir=False)
             os.replace(self.tmp, self.path)
             if record:  # after the rename: a kill in between leaves an output without a record (never deleted)
@@ -207,3 +213,17 @@ class StreamedOutput:
         else:
             self.abort()
         return False
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """A working folder beside the output `path` (on its disk, named as its temporaries are, so a killed
+    run's is removed by the next), deleted when the block ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.scratch.", suffix=".tmp", dir=path.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..core.errors import HOW_TO_RECREATE, CorruptFileError
 from .atomic import atomic_path
-from .digests import file_digest, sidecar
+from .digests import file_digest, sidecar, tensor_sidecar
 
 
 def write_checksum(path: str | Path) -> None:
@@ -34,6 +34,30 @@ def verify_checksum(path: str | Path) -> None:
     path = Path(path)
     require_checksum(path)
     _compare_checksum(path, file_digest(path))
+
+
+def tensor_digests(path: str | Path) -> dict | None:
+    """The per-tensor digests recorded beside a safetensors file (`<file>.tensors.json`: its header's, each
+    tensor's and the whole file's), or None where there are none to trust: no such sidecar, an unreadable
+    one, or one of another version of the file (its whole-file digest is not the checksum sidecar's), which
+    the caller then verifies whole. Raises CorruptFileError if the file or its checksum is missing, or if
+    the file's size is not the one written."""
+    import json
+
+    path = Path(path)
+    require_checksum(path)
+    try:
+        record = json.loads(tensor_sidecar(path).read_text())
+        if (record.get("algorithm") != "xxh3_128" or record.get("file") != sidecar(path).read_text().strip()
+                or not isinstance(record.get("tensors"), dict) or not isinstance(record.get("header"), str)):
+            return None
+        size = int(record["size"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if path.stat().st_size != size:
+        raise CorruptFileError(f"{path}: checksum mismatch (truncated or altered: {path.stat().st_size} bytes where "
+                               f"{size} were written); {HOW_TO_RECREATE}")
+    return record
 
 
 def checksum_folder(folder: str | Path) -> None:

@@ -32,3 +32,11 @@ def read_json(path: str | Path, *, verify: bool = False):
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def copy_file(source: str | Path, path: str | Path) -> None:
+    """`source`'s bytes at `path`, written atomically (symlinks followed: a hub cache's blobs)."""
+    import shutil
+
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .digests import sidecar
+from .digests import sidecar, tensor_sidecar
 
 # Why a record inside each output rather than a ledger under results/<run>/: the record is written into
 # the temporary folder before the rename that commits the output, so it exists exactly when the commit
@@ -62,7 +62,7 @@ def discard_stage_output(path: str | Path, run_dir: str | Path) -> Path | None:
     if output.is_dir():
         shutil.rmtree(output)
     else:
-        for f in (output, sidecar(output), record_file(output, is_dir=False)):
+        for f in (output, sidecar(output), tensor_sidecar(output), record_file(output, is_dir=False)):
             f.unlink(missing_ok=True)
     return output
 

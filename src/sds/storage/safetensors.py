@@ -1,6 +1,8 @@
 """Safetensors files: read one tensor at a time (located by the header, checked against the file's size),
 written one tensor at a time (`SafetensorsStreamWriter`), so a checkpoint of any depth is never held in
-memory; files this project wrote are verified against their checksums on opening."""
+memory; files this project wrote are verified against their checksums: whole on opening, or (`verify=
+"per_tensor"`, for a job that reads a few tensors of a large file) the header on opening and each tensor's
+bytes as it is read, against the per-tensor digests the writer recorded."""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +13,10 @@ import numpy as np
 import torch
 
 from ..core.errors import HOW_TO_RECREATE, CorruptFileError
+from . import digests
 from .atomic import StreamedOutput, TempFile
-from .checksums import verify_checksum
-from .digests import sidecar
+from .checksums import tensor_digests, verify_checksum
+from .digests import sidecar, tensor_sidecar
 
 # Where a read of a file this project wrote puts its tensors when the caller names no device. Stages always
 # name theirs (the one device rule: weights, caches and statistics are read straight to the stage's device);
@@ -106,18 +109,52 @@ class SafetensorsFile:
         self._fh.close()
 
 
-class TensorReader(SafetensorsFile):
-    """A safetensors file this project wrote: its checksum is verified once, on opening; tensors are then
-    read one at a time, so a stage that needs one layer of a checkpoint does not load all of them, and
-    land on `device` (see DEFAULT_READ_DEVICE)."""
+VERIFY_MODES = ("file", "per_tensor")
 
-    def __init__(self, path: str | Path, *, device: str | torch.device | None = None):
-        verify_checksum(path)
+
+class TensorReader(SafetensorsFile):
+    """A safetensors file this project wrote, its tensors read one at a time (so a stage that needs one layer
+    of a checkpoint does not load all of them) onto `device` (see DEFAULT_READ_DEVICE).
+
+    `verify="file"`: the whole file's checksum is verified once, on opening. `verify="per_tensor"`: on opening
+    only its size and header (names, dtypes, shapes, offsets, metadata) are checked against the per-tensor
+    digests `SafetensorsStreamWriter` recorded, and each tensor's bytes when it is read, so a job reading one
+    layer of a checkpoint of tens of GB hashes that layer only; a file without (current) per-tensor digests
+    is verified whole instead. Every byte of the file is the header's or one tensor's (`_check_tiling`), so
+    an altered byte in a tensor that is read is named either way."""
+
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None, verify: str = "file"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
+        self._digests = tensor_digests(path) if verify == "per_tensor" else None
+        if self._digests is None:
+            verify_checksum(path)
         super().__init__(path)
         self.device = torch.device(device or DEFAULT_READ_DEVICE)
+        if self._digests is not None:
+            self._check_header()
+
+    @property
+    def verify(self) -> str:
+        """How this reader checks the file: "per_tensor", or "file" (verified whole on opening)."""
+        return "file" if self._digests is None else "per_tensor"
+
+    def _check_header(self) -> None:
+        self._fh.seek(0)
+        header = self._fh.read(self._start)
+        if (digests.bytes_digest(header) != self._digests["header"]
+                or sorted(self._digests["tensors"]) != sorted(self._entries)):
+            self.close()
+            raise CorruptFileError(f"{self.path}: checksum mismatch in the header (truncated or altered); "
+                                   f"{HOW_TO_RECREATE}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = super().__getitem__(name)
+        if self._digests is not None:
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if digests.bytes_digest(data) != self._digests["tensors"][name]:
+                raise CorruptFileError(f"{self.path}: checksum mismatch in tensor {name!r} (truncated or altered); "
+                                       f"{HOW_TO_RECREATE}")
         return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
 
@@ -127,7 +164,9 @@ class SafetensorsStreamWriter(StreamedOutput):
     The format puts every tensor's offsets in the header, so names, dtypes and shapes are declared up front
     (`specs`, in file order) and `write` must then be called for each name in that order. The file is built
     under a temporary name, renamed into place by `close` once every tensor is written, and gets its
-    checksum sidecar; `abort` (or leaving the `with` block on an exception) leaves nothing behind."""
+    checksum sidecar and its per-tensor digests (`<file>.tensors.json`: the header's and each tensor's, taken
+    from the bytes as they are written, as is the whole file's, so nothing is read back); `abort` (or leaving
+    the `with` block on an exception) leaves nothing behind."""
 
     def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
@@ -144,8 +183,12 @@ class SafetensorsStreamWriter(StreamedOutput):
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._temp, self._next = TempFile(self.path), 0
         self._fh = open(self._temp.tmp, "wb")
+        head = len(raw).to_bytes(8, "little") + raw
+        self._file_digest, self._digests = digests.new_digest(), {}
+        self._file_digest.update(head)
+        self._header_digest, self._size = digests.bytes_digest(head), len(head) + offset
         with self._temp.naming():
-            self._fh.write(len(raw).to_bytes(8, "little") + raw)
+            self._fh.write(head)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or name != self._order[self._next]:
@@ -155,9 +198,11 @@ class SafetensorsStreamWriter(StreamedOutput):
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"declared {dtype} {shape}")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         with self._temp.naming():
-            self._fh.write(memoryview(data))
+            self._fh.write(data)
+        self._file_digest.update(data)
+        self._digests[name] = digests.bytes_digest(data)
         self._next += 1
 
     def close(self) -> None:
@@ -169,7 +214,11 @@ class SafetensorsStreamWriter(StreamedOutput):
         try:
             with self._temp.naming():
                 self._fh.close()  # flushes: a full disk may show only here
-            self._temp.commit(checksum=True)
+            whole = self._file_digest.hexdigest()
+            record = {"algorithm": "xxh3_128", "file": whole, "header": self._header_digest, "size": self._size,
+                      "tensors": self._digests}
+            self._temp.commit(checksum=True, digest=whole,
+                              sidecars={tensor_sidecar(self.path): json.dumps(record, indent=1, sort_keys=True) + "\n"})
         finally:
             self._temp.discard()
 
