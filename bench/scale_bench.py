@@ -464,12 +464,13 @@ def print_rows(title: str, rows: list[dict]) -> None:
     print(f"{'total':14s} {sum(r['seconds'] for r in rows):9.1f} {max(r['peak_rss_mib'] for r in rows):13.0f}")
 
 
-def eval_depth(shape: dict, depths: list[int], base: Path, seqlen: int, threads: int) -> int:
-    """The stage that used to load the model whole: evaluate, as its own process, at each depth, on a model
-    folder of `shape` (bf16, sharded, as --full-pipeline builds it); peak RSS must not grow with depth."""
+def eval_depth(shape: dict, depths: list[int], base: Path, seqlen: int, threads: int, prune: bool) -> int:
+    """Stages as their own processes at each depth, on a model folder of `shape` (bf16, sharded, as
+    --full-pipeline builds it): evaluate (dense); with `prune` also calibration, layer_inputs, prune1
+    (wanda 2:4), its export and its evaluation. Peak RSS must not grow with depth."""
     from sds.core.config import validate_config
 
-    rows = {}
+    rows: dict[int, list[dict]] = {}
     for layers in depths:
         work = base / f"eval-l{layers}"
         work.mkdir(parents=True, exist_ok=True)
@@ -480,13 +481,29 @@ def eval_depth(shape: dict, depths: list[int], base: Path, seqlen: int, threads:
         make_text(text, 8 * seqlen, shape["vocab"])
         config = workflow_config(f"eval-l{layers}", model, text, text, "wanda", "2:4", 4, seqlen, 2, threads)
         (work / "config.json").write_text(json.dumps(validate_config(config)))
-        print(f"{layers} layers: evaluate (dense), 4 windows of {seqlen}", flush=True)
-        rows[layers] = stage(work / "config.json", "evaluate", work / "dense.json", model_dir=model)
+        cfg = work / "config.json"
+        print(f"{layers} layers: {'prune1 (wanda 2:4, 4 x %d), its export and ' % seqlen if prune else ''}"
+              f"evaluate, 4 windows of {seqlen}", flush=True)
+        rows[layers] = [stage(cfg, "evaluate", work / "dense.json", model_dir=model)]
+        if prune:
+            rows[layers].append(stage(cfg, "calibration", work / "calibration.parquet", model_dir=model))
+            rows[layers].append(stage(cfg, "layer_inputs", work / "input", model_dir=model,
+                                      calibration_file=work / "calibration.parquet"))
+            prune1 = work / "wanda" / "2of4" / "prune1"
+            rows[layers].append(stage(cfg, "prune1", prune1, model_dir=model, inputs_dir=work / "input",
+                                      method="wanda", pattern="2of4", cache_stream="false"))
+            rows[layers].append(stage(cfg, "export", work / "export" / "wanda" / "2of4" / "prune1", model_dir=model,
+                                      checkpoint=prune1, stage="prune1", method="wanda", pattern="2of4"))
+            rows[layers].append(stage(cfg, "evaluate", work / "prune1.json", model_dir=model,
+                                      weights=prune1 / "weights.safetensors", stage="prune1", method="wanda",
+                                      pattern="2of4"))
     first = rows[depths[0]]
-    print(f"{'layers':>6s} {'seconds':>8s} {'peak RSS MiB':>12s} {'RSS / first':>11s}")
-    for layers, row in rows.items():
-        print(f"{layers:6d} {row['seconds']:8.1f} {row['peak_rss_mib']:12.0f} "
-              f"{row['peak_rss_mib'] / first['peak_rss_mib']:11.3f}")
+    print(f"{'stage':14s} " + " ".join(f"{'s N=%d' % n:>8s} {'RSS N=%d' % n:>9s}" for n in depths) +
+          f" {'RSS ratio':>9s}")
+    for k, row in enumerate(first):
+        name = row["stage"] + (" (prune1)" if row["stage"] == "evaluate" and k else "")
+        cells = " ".join(f"{rows[n][k]['seconds']:8.1f} {rows[n][k]['peak_rss_mib']:9.0f}" for n in depths)
+        print(f"{name:14s} {cells} {rows[depths[-1]][k]['peak_rss_mib'] / row['peak_rss_mib']:9.3f}")
     return 0
 
 
@@ -515,13 +532,16 @@ def main() -> int:
     ap.add_argument("--eval-depth", action="store_true",
                     help="the evaluate stage alone (perplexity, layer by layer) on --shape at each depth in --layers "
                          "(e.g. 2 4): seconds and peak RSS side by side, and their ratio")
+    ap.add_argument("--with-prune1", action="store_true",
+                    help="with --eval-depth: also calibration, layer_inputs, prune1, its export and its evaluation")
     ap.add_argument("--workdir")
     ap.add_argument("--collect-only", action="store_true",
                     help="with --full-pipeline: run nothing, print the tables from the runs already in --workdir")
     args = ap.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="sds-scale-"))
     if args.eval_depth:
-        return eval_depth(SHAPES[args.shape], args.layers or [2, 4], base, args.seqlen or 128, args.threads)
+        return eval_depth(SHAPES[args.shape], args.layers or [2, 4], base, args.seqlen or 128, args.threads,
+                          prune=args.with_prune1)
     if args.full_pipeline:
         nsamples, seqlen = args.nsamples or 4, args.seqlen or 128
         method, steps = args.method or "wanda", args.solver_steps or 2

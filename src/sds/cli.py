@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         stage_module = import_module(f"{__package__}.stages.{MODULES[args.stage]}")
         # the stage sees only the config keys it is listed with (core.stage_keys), so none goes stale
         sliced = stage_config(config, args.stage, method=kwargs.get("method"), recon=kwargs.get("recon"))
+        from .core.runtime import allocate_tensors_by_mmap
+
+        allocate_tensors_by_mmap()  # every stage, also those that never call setup (export, report)
         getattr(stage_module, args.stage)(sliced, **kwargs)
         return 0
     except CorruptFileError as exc:

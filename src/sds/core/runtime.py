@@ -189,7 +189,7 @@ def _cuda_device() -> torch.device:
 M_MMAP_THRESHOLD = -3
 
 
-def _allocate_tensors_by_mmap() -> None:
+def allocate_tensors_by_mmap() -> None:
     import ctypes
 
     try:
@@ -203,7 +203,7 @@ def setup(config: dict) -> torch.device:
     default for cuDNN, and for matmul under some settings) would round the Hessians' products to 10-bit
     mantissas, so they are switched off."""
     torch.set_num_threads(config["threads"])
-    _allocate_tensors_by_mmap()
+    allocate_tensors_by_mmap()
     seed(config)
     want = config["device"]
     if want == "cuda" and not torch.cuda.is_available():
