@@ -315,12 +315,14 @@ def _peak_rss(benchmark: Path) -> float:
 
 @pytest.mark.parametrize("stage", ["layer_inputs", "prune1", "reconstruct", "prune2", "evaluate", "export"])
 def test_a_stage_peak_memory_does_not_grow_with_depth(depth_runs, stage):
-    """Snakemake's benchmark files: each stage's peak RSS at 12 layers is within a third of what 10 more
-    layers' weights would add over its peak at 2 layers."""
+    """Snakemake's benchmark files: each stage's peak RSS at 12 layers is within 10 % of its peak at 2 (the
+    issue's criterion). Holding the model whole would add 10 more layers' weights, ~90 MiB on a ~500 MiB
+    stage (+18 %), so a stage that did would fail here."""
     peaks = {}
     for layers in DEPTHS:
         files = sorted((depth_runs / "results" / f"depth{layers}" / "benchmarks" / stage).glob("*.tsv"))
         assert files, f"no benchmark file of {stage}"
         peaks[layers] = max(_peak_rss(f) for f in files)
-    extra_weights_mib = (DEPTHS[1] - DEPTHS[0]) * (4 * 384 * 384 + 3 * 384 * 1536) * 4 / 2**20  # ~100 MiB
-    assert peaks[DEPTHS[1]] - peaks[DEPTHS[0]] < extra_weights_mib / 3, peaks
+    extra_weights_mib = (DEPTHS[1] - DEPTHS[0]) * (4 * 384 * 384 + 3 * 384 * 1536) * 4 / 2**20  # ~90 MiB
+    assert extra_weights_mib > 0.15 * peaks[DEPTHS[0]]  # the test can tell a whole model from one layer
+    assert peaks[DEPTHS[1]] <= 1.10 * peaks[DEPTHS[0]], peaks
