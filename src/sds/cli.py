@@ -70,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         stage_module = import_module(f"{__package__}.stages.{MODULES[args.stage]}")
         # the stage sees only the config keys it is listed with (core.stage_keys), so none goes stale
         sliced = stage_config(config, args.stage, method=kwargs.get("method"), recon=kwargs.get("recon"))
-        from .core.runtime import allocate_tensors_by_mmap
+        from .core.runtime import allocate_tensors_by_mmap, peak_rss_mib
 
         allocate_tensors_by_mmap()  # every stage, also those that never call setup (export, report)
         getattr(stage_module, args.stage)(sliced, **kwargs)
+        # the process's true high-water mark: Snakemake's benchmark samples RSS and misses short peaks
+        logging.getLogger("sds").info("%s done · peak RSS %.0f MiB", args.stage, peak_rss_mib())
         return 0
     except CorruptFileError as exc:
         return _fail(args.stage, _corrupt_file_message(exc, config))

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..core.architectures import (MODEL_FILE_PATTERNS, check_supported, check_tokenizer, read_model_config,
+from ..core.architectures import (check_supported, check_tokenizer, model_files, read_model_config,
                                   resolve_model_dir, source_dtype)
 from ..core.errors import ArchitectureError, ModelError
 from ..storage.documents import copy_file, read_json, write_json, write_text
@@ -155,7 +155,7 @@ class LayerwiseModel:
         rest on disk (a tied head with the embeddings). Decided from sizes alone, so the same budget always
         gives the same placement; the embeddings come first, so the model's device is where inputs go."""
         device = (self.device.index or 0) if self.device.type == "cuda" else "cpu"
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype.itemsize
         units: dict[str, int] = {}
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
             if name.startswith(self.prefix + "."):
@@ -176,7 +176,7 @@ class LayerwiseModel:
         total = 0
         for name, f in self._files.items():
             _, shape = self._open[f].spec(name)
-            total += int(torch.Size(shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+            total += int(torch.Size(shape).numel()) * self.dtype.itemsize
         return total
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -241,7 +241,7 @@ class LayerwiseModel:
                 for name, (dtype, _) in specs.items():
                     tensor = replaced[name] if name in replaced else self._open[self._files[name]][name]
                     writer.write(name, tensor.to(dtype))
-                    total += tensor.numel() * torch.empty((), dtype=dtype).element_size()
+                    total += tensor.numel() * dtype.itemsize
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             source_index = read_json(index)
@@ -271,12 +271,10 @@ class LayerwiseModel:
             check_tokenizer(self.folder)
         except ArchitectureError as exc:
             raise ModelError(str(exc)) from None
-        for pattern in MODEL_FILE_PATTERNS:
-            if "safetensors" in pattern or pattern in ("config.json", "generation_config.json"):
-                continue
-            for f in sorted(self.folder.glob(pattern)):
-                if f.is_file():
-                    copy_file(f, Path(out) / f.name)
+        for f in map(Path, model_files(self.folder)):
+            if not (f.name.endswith((".safetensors", ".safetensors.index.json"))
+                    or f.name in ("config.json", "generation_config.json")):  # written by save_pretrained
+                copy_file(f, Path(out) / f.name)
 
 
 def whole_model(lm: LayerwiseModel, *, weights_file: Path | None, budget: int, work_dir: Path,
@@ -288,32 +286,28 @@ def whole_model(lm: LayerwiseModel, *, weights_file: Path | None, budget: int, w
     dtype = str(lm.dtype).removeprefix("torch.")
     if lm.weights_bytes() <= budget:
         model, _ = load_model(lm.folder, dtype=dtype, trust_remote_code=trust_remote_code, device=str(lm.device))
-        if weights_file is not None:
-            reader = TensorReader(weights_file, device=lm.device)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name in reader.keys():
-                    if name not in params:
-                        raise ModelError(f"{weights_file} names tensor {name!r}, which the model lacks")
-                    params[name].copy_(reader[name].to(params[name].dtype))
+        if weights_file is not None:  # every byte read is verified as it is read: one pass over the file
+            reader = TensorReader(weights_file, device=lm.device, verify="per_tensor")
+            apply_weights(model, reader)
             reader.close()
         return model
     folder = lm.folder
     if weights_file is not None:
         folder = work_dir / "model"
-        lm.save_pretrained(folder, TensorReader(weights_file, device="cpu"))
+        lm.save_pretrained(folder, TensorReader(weights_file, device="cpu", verify="per_tensor"))
         lm.copy_tokenizer(folder)
     model, _ = load_model(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                           device_map=lm.device_map(budget), offload_folder=str(work_dir / "offload"))
     return model
 
 
-def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Overwrites parameters named in `weights` (full state-dict names); unknown names are an error."""
+def apply_weights(model: nn.Module, weights) -> None:
+    """Overwrites the parameters `weights` names (full state-dict names; a dict or a TensorReader, read one
+    tensor at a time); unknown names are an error."""
     params = dict(model.named_parameters())
-    missing = [k for k in weights if k not in params]
+    missing = [k for k in weights.keys() if k not in params]
     if missing:
         raise ModelError(f"checkpoint names {len(missing)} tensors the model lacks, e.g. {missing[0]!r}")
     with torch.no_grad():
-        for key, value in weights.items():
-            params[key].copy_(value.to(params[key].dtype))
+        for key in weights.keys():
+            params[key].copy_(weights[key].to(params[key].dtype))

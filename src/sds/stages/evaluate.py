@@ -102,7 +102,8 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
               "recon": recon}
     start = time.monotonic()
     with scratch_dir(out) as work:
-        reader = TensorReader(weights, device=device) if weights else None
+        # every tensor is read once: verified as it is read (not hashed whole first, then read)
+        reader = TensorReader(weights, device=device, verify="per_tensor") if weights else None
         scores, texts = evaluate_layerwise(
             lm, tokenizer, config, label=label, weights=reader, pattern=pattern_from_slug(pattern) if pattern else None,
             corpus_dir=corpus_dir, work_dir=work)
