@@ -1,8 +1,20 @@
-"""Command line: `python -m sds.cli STAGE --config RESOLVED.json key=value ...`.
+"""The `sds` command (also `python -m sds` and `python -m sds.cli`):
 
-Each Snakemake rule runs exactly one stage through this entry point, so a stage is an ordinary process
-(killable, loggable, schedulable on SLURM). Expected failures print one line naming the file or key and
-exit 1; a traceback means a bug.
+    sds validate CONFIG [--print]        every error of a config at once, each naming its key: the schema, the
+                                         semantic checks, the model and each hf: dataset looked up in the local
+                                         caches (offline); exit 1 if any. --print: the resolved config as JSON
+    sds export CONFIG [SNAKEMAKE ARGS]   runs `snakemake --configfile CONFIG --cores 2 export` with this
+                                         checkout's Snakefile in the current folder: every stage the export
+                                         target needs, then the one-shot checkpoints as loadable Hugging Face
+                                         folders (ARGS go to snakemake, e.g. -n, --cores 8)
+    sds sync [--run RUN] [--config CONFIG]   logs the MLflow records kept while the store was unreachable (of
+                                         RUN, CONFIG's run, or every run under the results root)
+    sds STAGE --config RESOLVED.json key=value ...   one stage: what each Snakemake rule runs (`--config`
+                                         right after the stage: `sds export --config …` is the export stage)
+
+Each rule runs exactly one stage through this entry point, so a stage is an ordinary process (killable,
+loggable, schedulable on SLURM). Expected failures print one line naming the file or key and exit 1; a
+traceback means a bug. The results root is config `results_dir`, else $SDS_RESULTS, else results/.
 """
 from __future__ import annotations
 
@@ -13,11 +25,13 @@ import os
 import sys
 import warnings
 from importlib import import_module
+from pathlib import Path
 
 from .stages import MODULES
 
 LIST_KEYS = {"evals", "benchmarks", "checkpoints", "parts"}
 STAGES = tuple(MODULES)
+SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"  # this checkout's workflow
 
 
 def _parse_pairs(pairs: list[str]) -> dict:
@@ -34,11 +48,111 @@ def _parse_pairs(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sds.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES + ("sync", "validate"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS and not _is_stage_call(argv):
+        return COMMANDS[argv[0]](argv[1:])
+    return _stage(argv)
+
+
+def _is_stage_call(argv: list[str]) -> bool:
+    """`export --config RESOLVED.json k=v …` is the export stage (as its rule runs it); `export CONFIG …`, with
+    the config first, the `sds export` command."""
+    return argv[0] in STAGES and len(argv) > 1 and argv[1].split("=")[0] == "--config"
+
+
+def _parser(command: str, summary: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"sds {command}".strip(), description=summary,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def validate(argv: list[str]) -> int:
+    """`sds validate CONFIG`: every error at once; 0 when there is none."""
+    parser = _parser("validate", "Checks a config: every schema and semantic error at once, each naming its key; "
+                                 "the model and each hf: dataset looked up in the local caches. Exit 1 if any.")
+    parser.add_argument("config", nargs="?", help="a YAML config, as given to snakemake --configfile")
+    parser.add_argument("--config", dest="config_option", help=argparse.SUPPRESS)  # the older `validate --config X`
+    parser.add_argument("--print", action="store_true", help="print the resolved config (every default filled) as JSON")
+    args = parser.parse_args(argv)
+    path = args.config or args.config_option
+    if not path:
+        parser.error("a config file is required")
+    from .core.config import load_config_file
+    from .core.errors import ConfigError
+    from .core.layout import RunLayout, results_root
+
+    try:
+        config = load_config_file(path, hf_sources=True)
+    except ConfigError as exc:
+        print(f"sds validate: {path}: {exc.report()}", file=sys.stderr)
+        return 1
+    if args.print:
+        print(json.dumps(config, indent=2, sort_keys=True))
+    where = RunLayout(config["run"], results_root(config)).root
+    print(f"sds validate: {path}: valid (run {config['run']!r}, outputs under {where}/)",
+          file=sys.stderr if args.print else sys.stdout)
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    """`sds export CONFIG [SNAKEMAKE ARGS]`: snakemake's `export` target for CONFIG; its exit status."""
+    import shlex
+    import subprocess
+
+    parser = _parser("export", "Runs snakemake's export target for a config (every stage it needs, then the "
+                               "one-shot checkpoints as loadable Hugging Face folders) in the current folder. "
+                               "Other arguments go to snakemake; --cores 2 unless given.")
+    parser.add_argument("config", help="a YAML config, as given to snakemake --configfile")
+    args, extra = parser.parse_known_args(argv)
+    if not SNAKEFILE.is_file():
+        return _fail("export", f"no Snakefile at {SNAKEFILE}: `sds export` runs from a checkout of the pipeline")
+    if not Path(args.config).is_file():
+        return _fail("export", f"config file {args.config!r} not found")
+    cores = [] if any(a.startswith(("--cores", "--jobs", "-c", "-j")) for a in extra) else ["--cores", "2"]
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), f"--configfile={args.config}", *cores,
+               "export", *extra]
+    print(f"sds export: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def sync(argv: list[str]) -> int:
+    """`sds sync`: replays the MLflow records kept while the store was unreachable; 0 when none is left."""
+    parser = _parser("sync", "Logs the MLflow records that stages kept (under <results root>/<run>/mlflow_pending/) "
+                             "while the tracking store was unreachable.")
+    parser.add_argument("--run", help="only this run (default: every run with kept records)")
+    parser.add_argument("--config", help="a config: its run, and its results root")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s sds %(levelname)s %(message)s")
+    from .core.config import load_config_file
+    from .core.errors import EXPECTED
+    from .core.layout import runs_with_pending, use_results_root
+
+    try:
+        config = load_config_file(args.config) if args.config else None
+    except EXPECTED as exc:
+        return _fail("sync", str(exc))
+    root = use_results_root(config)  # before the store is imported: its default lies under the root
+    runs = [args.run or config["run"]] if args.run or config else runs_with_pending(root)
+    if not runs:
+        print(f"sds sync: no kept MLflow records under {root}/")
+        return 0
+    from .tracking.stage_runs import sync_pending
+
+    left = 0
+    for run in runs:
+        done, run_left = sync_pending(run)
+        left += run_left
+        print(f"sds sync: {run}: {done} record(s) logged, {run_left} still pending")
+    return 0 if left == 0 else 1
+
+
+COMMANDS = {"validate": validate, "export": export, "sync": sync}
+
+
+def _stage(argv: list[str]) -> int:
+    parser = _parser("", __doc__)
+    parser.add_argument("stage", choices=STAGES, metavar="COMMAND",
+                        help=f"validate, export, sync, or a stage: {', '.join(STAGES)}")
     parser.add_argument("--config", help="resolved config JSON (written by the Snakefile) or a YAML config")
-    parser.add_argument("--run", help="run name (for sync)")
     parser.add_argument("pairs", nargs="*", help="stage arguments as key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s sds %(levelname)s %(message)s")
@@ -46,16 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .core.config import load_config_file, validate_config
     from .core.errors import EXPECTED, ConfigError, CorruptFileError
+    from .core.layout import use_results_root
     from .core.stage_keys import stage_config
 
     config = None
     try:
-        if args.stage == "sync":
-            from .tracking.stage_runs import sync_pending
-
-            done, left = sync_pending(args.run)
-            print(f"sds sync: {done} record(s) logged, {left} still pending")
-            return 0 if left == 0 else 1
         if not args.config:
             raise ConfigError("--config is required")
         if args.config.endswith(".json"):
@@ -63,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = validate_config(json.load(fh))
         else:
             config = load_config_file(args.config)
-        if args.stage == "validate":
-            print(json.dumps(config, indent=2, sort_keys=True))
-            return 0
+        use_results_root(config)  # before any module reads it (the MLflow store's default lies under it)
         kwargs = _parse_pairs(args.pairs)
         stage_module = import_module(f"{__package__}.stages.{MODULES[args.stage]}")
         # the stage sees only the config keys it is listed with (core.stage_keys), so none goes stale
@@ -99,11 +206,12 @@ def _corrupt_file_message(exc, config: dict) -> str:
     next `snakemake` run re-creates it) only if the run's own record says it wrote it
     (sds.storage.records.recorded_output); a user's file, a copy or another run's output is left alone."""
     from .core.errors import HOW_TO_RECREATE
-    from .core.layout import run_dir
+    from .core.layout import results_root, run_dir
     from .storage.records import discard_stage_output
 
     reason = str(exc).removesuffix(f"; {HOW_TO_RECREATE}")
-    removed = discard_stage_output(exc.path, run_dir(config["run"])) if exc.path and config else None
+    own = run_dir(config["run"], results_root(config)) if config else None
+    removed = discard_stage_output(exc.path, own) if exc.path and config else None
     if removed is not None:
         # Snakemake re-creates a missing file only for a job it runs: this stage's (whose output is absent), so
         # the same command again does it; a plain `snakemake` would not when everything after this stage exists

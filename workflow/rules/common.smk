@@ -11,7 +11,7 @@ from snakemake.utils import update_config, validate
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 from sds.core.config import ConfigError, config_hash, validate_config  # noqa: E402
-from sds.core.layout import SUMMARY_CSV, RunLayout  # noqa: E402
+from sds.core.layout import RunLayout, summary_csv, use_results_root  # noqa: E402
 from sds.core.patterns import parse_pattern  # noqa: E402
 from sds.core.stage_keys import DENSE_PHASE_KEYS, stage_params  # noqa: E402
 from sds.storage.records import OUTPUT_RECORD, foreign_folders  # noqa: E402
@@ -39,15 +39,21 @@ elif not workflow.overwrite_configfiles:
     config.update(_default)
 
 
+# Every error at once, one line each; the first process of a run also finds each hf: dataset in the local
+# cache (its jobs run the config it checked).
 try:
-    RESOLVED = validate_config(config)
+    RESOLVED = validate_config(config, hf_sources=not _JOB)
 except ConfigError as exc:
-    sys.stderr.write(f"sds: invalid configuration: {exc}\n")
+    sys.stderr.write(f"sds: invalid configuration: {exc.report()}\n")
     sys.exit(1)
 validate(config, str(Path(workflow.basedir) / "config" / "schema.yaml"))  # the same schema through Snakemake
 
 RUN = RESOLVED["run"]
-L = RunLayout(RUN)
+# The results root (config `results_dir`, else $SDS_RESULTS, else results/), exported as SDS_RESULTS so that
+# every stage process and cluster job (and the MLflow store they write) uses the same one.
+RESULTS_ROOT = use_results_root(RESOLVED)
+L = RunLayout(RUN, RESULTS_ROOT)
+SUMMARY_CSV = summary_csv(RESULTS_ROOT)
 R = L.root
 BUILTIN = RESOLVED["model"]["source"] == "builtin"
 METHODS = RESOLVED["prune"]["methods"]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import ArchitectureError
+from .sources import HF_PREFIX
 
 # model_type -> family. Every supported family has a ModuleList of decoder layers whose linears are plain
 # nn.Linear (OPT: q/k/v/out_proj, fc1/fc2; LLaMA family: q/k/v/o_proj, gate/up/down_proj with RMSNorm,
@@ -32,8 +33,10 @@ def looks_like_path(source: str) -> bool:
 
 def resolve_model_dir(source: str) -> Path:
     """The folder holding the model `source` names: itself if it is a path, else the snapshot of a Hugging
-    Face id in the local cache (HF_HOME / HF_HUB_CACHE honoured). Raises ArchitectureError in one line."""
-    if looks_like_path(source):
+    Face id (`org/name` or `hf:org/name`) in the local cache (HF_HOME / HF_HUB_CACHE honoured). Raises
+    ArchitectureError in one line."""
+    hub_id = source.removeprefix(HF_PREFIX)
+    if hub_id == source and looks_like_path(source):
         path = Path(source)
         if not path.is_dir():
             raise ArchitectureError(f"model path {source!r} does not exist or is not a directory")
@@ -42,7 +45,7 @@ def resolve_model_dir(source: str) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
-        return Path(snapshot_download(source, local_files_only=True))
+        return Path(snapshot_download(hub_id, local_files_only=True))
     except LocalEntryNotFoundError:
         from huggingface_hub import constants
 

@@ -13,6 +13,7 @@ from .errors import ArchitectureError, ConfigError, TaskDataError
 from .patterns import parse_pattern
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "config" / "schema.yaml"
+UNHASHED_KEYS = ("resources", "results_dir")
 
 
 def load_schema() -> dict:
@@ -62,89 +63,129 @@ def _describe(error) -> str:
     return f"config key '{key}' = {error.instance!r} is invalid: expected {expected}"
 
 
-def validate_config(raw: dict) -> dict:
-    """Returns the resolved config (defaults filled) or raises ConfigError naming the offending key."""
+def config_errors(raw, *, hf_sources: bool = False) -> tuple[dict | None, list[str]]:
+    """(the resolved config or None, every error found): all schema errors, each naming its key, and all
+    semantic ones (patterns, lengths, files, the model); with `hf_sources`, also every hf: dataset missing from
+    the local cache (core.sources: loads each, so left to the callers that start work: the Snakefile, `sds
+    validate`). The semantic checks also run on a config with schema errors, those that cannot skipped."""
     import jsonschema
 
     if not isinstance(raw, dict):
-        raise ConfigError("config must be a mapping of keys to values")
+        return None, ["config must be a mapping of keys to values"]
     schema = load_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if errors:
-        raise ConfigError(_describe(errors[0]))
+    errors = _schema_errors(validator, raw)
     config = _fill_defaults(schema, copy.deepcopy(raw))
-    errors = list(validator.iter_errors(config))
+    if not errors:
+        errors = _schema_errors(validator, config)
+    checks = [_check_patterns, _check_lengths, _check_builtin_model, _check_text_sources, _check_zeroshot]
+    if hf_sources:
+        from .sources import hf_dataset_errors
+
+        checks.append(hf_dataset_errors)
+    schema_valid = not errors
+    for check in checks:
+        try:
+            errors += list(check(config))
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            if schema_valid:
+                raise
+            # a value of the wrong type or shape, already named by its schema error: this check cannot run
+    return (None if errors else config), errors
+
+
+def _schema_errors(validator, value) -> list[str]:
+    found = sorted(validator.iter_errors(value), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    return list(dict.fromkeys(_describe(e) for e in found))
+
+
+def validate_config(raw: dict, *, hf_sources: bool = False) -> dict:
+    """Returns the resolved config (defaults filled) or raises ConfigError naming every offending key
+    (`errors`, and the message joining them). `hf_sources`: see config_errors."""
+    config, errors = config_errors(raw, hf_sources=hf_sources)
     if errors:
-        raise ConfigError(_describe(errors[0]))
-    _semantic_checks(config)
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} errors: " + "; ".join(errors), errors)
     return config
 
 
-def _semantic_checks(config: dict) -> None:
+def _check_patterns(config: dict):
     for i, text in enumerate(config["prune"]["patterns"]):
         try:
             parse_pattern(text)
         except ValueError as exc:
-            raise ConfigError(f"config key 'prune.patterns.{i}': {exc}") from None
-    calib_len = config["calibration"]["seqlen"]
-    eval_len = config["evaluate"]["seqlen"]
-    context = model_context_length(config)
-    for key, value in (("calibration.seqlen", calib_len), ("evaluate.seqlen", eval_len)):
+            yield f"config key 'prune.patterns.{i}': {exc}"
+
+
+def _check_lengths(config: dict):
+    try:
+        context = model_context_length(config)
+    except ConfigError as exc:
+        yield str(exc)
+        return
+    for key in ("calibration.seqlen", "evaluate.seqlen"):
+        section, name = key.split(".")
+        value = config[section][name]
         if context is not None and value > context:
-            raise ConfigError(f"config key '{key}' = {value} exceeds the model's context length {context} "
-                              f"(max_position_embeddings)")
+            yield f"config key '{key}' = {value} exceeds the model's context length {context} (max_position_embeddings)"
+
+
+def _check_builtin_model(config: dict):
+    if config["model"]["source"] != "builtin":
+        return
     builtin = config["model"]["builtin"]
-    if config["model"]["source"] == "builtin":
-        if builtin["hidden"] % builtin["heads"]:
-            raise ConfigError(f"config key 'model.builtin.heads' = {builtin['heads']}: must divide "
-                              f"model.builtin.hidden = {builtin['hidden']}")
-        if builtin["kv_heads"] is not None and builtin["heads"] % builtin["kv_heads"]:
-            raise ConfigError(f"config key 'model.builtin.kv_heads' = {builtin['kv_heads']}: must divide "
-                              f"model.builtin.heads = {builtin['heads']}")
-        if builtin["seqlen"] > builtin["max_positions"]:
-            raise ConfigError(f"config key 'model.builtin.seqlen' = {builtin['seqlen']} exceeds "
-                              f"model.builtin.max_positions = {builtin['max_positions']}")
-        corpus = builtin["corpus"]
-        if corpus["source"] == "text":
-            for key in ("train_path", "test_path"):
-                if not corpus.get(key):
-                    raise ConfigError(f"config key 'model.builtin.corpus.{key}' is required when source is 'text'")
-                if not Path(corpus[key]).is_file():
-                    raise ConfigError(f"config key 'model.builtin.corpus.{key}': file {corpus[key]!r} not found")
-    elif config["calibration"]["source"] == "builtin":
-        raise ConfigError("config key 'calibration.source' = 'builtin' needs model.source 'builtin' "
-                          "(an external model has no built-in corpus: give a text file or hf: dataset)")
-    for name, source in config["evaluate"]["datasets"].items():
-        if source == "builtin" and config["model"]["source"] != "builtin":
-            raise ConfigError(f"config key 'evaluate.datasets.{name}' = 'builtin' needs model.source 'builtin'")
-        if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
-            raise ConfigError(f"config key 'evaluate.datasets.{name}': file {source!r} not found")
-    source = config["calibration"]["source"]
-    if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
-        raise ConfigError(f"config key 'calibration.source': file {source!r} not found")
-    _check_zeroshot(config["evaluate"]["zeroshot"])
+    if builtin["hidden"] % builtin["heads"]:
+        yield (f"config key 'model.builtin.heads' = {builtin['heads']}: must divide "
+               f"model.builtin.hidden = {builtin['hidden']}")
+    if builtin["kv_heads"] is not None and builtin["heads"] % builtin["kv_heads"]:
+        yield (f"config key 'model.builtin.kv_heads' = {builtin['kv_heads']}: must divide "
+               f"model.builtin.heads = {builtin['heads']}")
+    if builtin["seqlen"] > builtin["max_positions"]:
+        yield (f"config key 'model.builtin.seqlen' = {builtin['seqlen']} exceeds "
+               f"model.builtin.max_positions = {builtin['max_positions']}")
+    corpus = builtin["corpus"]
+    if corpus["source"] == "text":
+        for key in ("train_path", "test_path"):
+            if not corpus.get(key):
+                yield f"config key 'model.builtin.corpus.{key}' is required when source is 'text'"
+            elif not Path(corpus[key]).is_file():
+                yield f"config key 'model.builtin.corpus.{key}': file {corpus[key]!r} not found"
 
 
-def _check_zeroshot(zs: dict) -> None:
+def _check_text_sources(config: dict):
+    """'builtin' only with the built-in model; a local text file must be there (hf: ones: core.sources)."""
+    builtin_model = config["model"]["source"] == "builtin"
+    named = [("calibration.source", config["calibration"]["source"])]
+    named += [(f"evaluate.datasets.{name}", source) for name, source in config["evaluate"]["datasets"].items()]
+    for key, source in named:
+        if source == "builtin" and not builtin_model:
+            yield (f"config key '{key}' = 'builtin' needs model.source 'builtin' (an external model has no "
+                   "built-in corpus: give a text file or hf: dataset)")
+        elif source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
+            yield f"config key '{key}': file {source!r} not found"
+
+
+def _check_zeroshot(config: dict):
     """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
     the pipeline), so a missing file is reported before any work starts."""
     from .tasksets import BUILTIN_TASKS, resolve_tasks, task_files
 
+    zs = config["evaluate"]["zeroshot"]
     if not zs["enabled"]:
         return
     try:
         names = resolve_tasks(zs["tasks"])
     except ValueError as exc:
-        raise ConfigError(f"config key 'evaluate.zeroshot.tasks': {exc}") from None
+        yield f"config key 'evaluate.zeroshot.tasks': {exc}"
+        return
     external = [n for n in names if n not in BUILTIN_TASKS]
     if external and not zs["data_dir"]:
-        raise ConfigError(f"config key 'evaluate.zeroshot.data_dir' is required for the zero-shot tasks "
-                          f"{', '.join(external)} (a folder with <task>/<split>.jsonl files)")
+        yield (f"config key 'evaluate.zeroshot.data_dir' is required for the zero-shot tasks "
+               f"{', '.join(external)} (a folder with <task>/<split>.jsonl files)")
+        return
     try:
         task_files(external, zs["data_dir"], None)
     except TaskDataError as exc:
-        raise ConfigError(f"config key 'evaluate.zeroshot.data_dir': {exc}") from None
+        yield f"config key 'evaluate.zeroshot.data_dir': {exc}"
 
 
 def model_folder(config: dict) -> Path | None:
@@ -192,17 +233,22 @@ def second_prune_settings(config: dict, recon: str) -> dict:
 
 def config_hash(config: dict) -> str:
     """Short stable hash of the resolved config (key order independent). `resources` (where and with how
-    much memory a stage runs on a cluster) is left out: tuning it must not start a new MLflow pipeline run."""
-    hashed = {k: v for k, v in config.items() if k != "resources"}
+    much memory a stage runs on a cluster) and `results_dir` (where its outputs go) are left out: neither
+    changes a number, and changing one must not start a new MLflow pipeline run."""
+    hashed = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (or JSON) config file as written, not validated; ConfigError naming the file if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    return validate_config(raw)
+
+
+def load_config_file(path: str | Path, *, hf_sources: bool = False) -> dict:
+    return validate_config(read_config_file(path), hf_sources=hf_sources)

@@ -16,7 +16,17 @@ class TaskDataError(DataError):
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and what was expected."""
+    """An invalid configuration; the message names the key and what was expected. `errors`: every error found
+    at once (one line each; the message joins them)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = list(errors) if errors else [message]
+
+    def report(self) -> str:
+        """The errors as printed: the one error, or their count and then one indented line each."""
+        lines = [" ".join(e.split()) for e in self.errors]
+        return lines[0] if len(lines) == 1 else f"{len(lines)} errors:" + "".join(f"\n  {e}" for e in lines)
 
 
 class ArchitectureError(ValueError):

@@ -13,21 +13,72 @@ holds; nothing else builds or parses these paths.
     results/<run>/eval/…json, tasks/, report/, config/<hash>.json, logs/, benchmarks/, mlflow_pending/
     results/summary.csv, zeroshot_summary.csv, mlflow.db, mlflow-server/   shared by every run
 
-Paths are strings relative to the working directory (Snakemake's `-d`); a placeholder such as "{method}"
-passed for a part gives the rule's wildcard pattern.
+`results/` is the results root: config key `results_dir` if a config sets it, else the environment variable
+SDS_RESULTS, else `results` (e.g. a scratch file system: `SDS_RESULTS=/scratch/$USER/sds`). Whoever loads a
+config (the Snakefile, the CLI) exports its root as SDS_RESULTS (`use_results_root`), so every stage process
+and cluster job, the MLflow store and `sds sync` find the same folder; every path below follows it.
+
+Paths are strings relative to the working directory (Snakemake's `-d`) unless the root is absolute; a
+placeholder such as "{method}" passed for a part gives the rule's wildcard pattern.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-RESULTS = "results"
-SUMMARY_CSV = f"{RESULTS}/summary.csv"
-ZEROSHOT_SUMMARY_CSV = f"{RESULTS}/zeroshot_summary.csv"
-MLFLOW_DB = f"{RESULTS}/mlflow.db"
-MLFLOW_LOCK = f"{RESULTS}/.mlflow.lock"
-MLFLOW_SERVER_STATE = f"{RESULTS}/mlflow-server"
-MLFLOW_ARTIFACTS = f"{RESULTS}/mlartifacts"  # the default local store's artifacts
+RESULTS_ENV = "SDS_RESULTS"
+DEFAULT_RESULTS = "results"
+
+
+def results_root(config: Mapping | None = None) -> str:
+    """The results root: `config["results_dir"]` where set, else $SDS_RESULTS, else `results`."""
+    configured = (config or {}).get("results_dir")
+    return str(configured or os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS).rstrip("/") or "/"
+
+
+def use_results_root(config: Mapping | None = None) -> str:
+    """Makes `config`'s results root this process's (and its children's: stages, cluster jobs) by exporting it
+    as SDS_RESULTS; returns it."""
+    root = results_root(config)
+    os.environ[RESULTS_ENV] = root
+    return root
+
+
+# Files under the root that every run shares; each a function of the root (by default, the current one).
+SHARED = {
+    "SUMMARY_CSV": "summary.csv",
+    "ZEROSHOT_SUMMARY_CSV": "zeroshot_summary.csv",
+    "MLFLOW_DB": "mlflow.db",
+    "MLFLOW_LOCK": ".mlflow.lock",
+    "MLFLOW_SERVER_STATE": "mlflow-server",
+    "MLFLOW_ARTIFACTS": "mlartifacts",  # the default local store's artifacts
+}
+
+
+def shared_file(name: str, root: str | None = None) -> str:
+    """One of SHARED's files (by its constant's name, e.g. "MLFLOW_DB") under `root` (default: the current root)."""
+    return f"{root or results_root()}/{SHARED[name]}"
+
+
+def summary_csv(root: str | None = None) -> str:
+    return shared_file("SUMMARY_CSV", root)
+
+
+def mlflow_db(root: str | None = None) -> str:
+    return shared_file("MLFLOW_DB", root)
+
+
+def __getattr__(name: str) -> str:
+    """`RESULTS`, `SUMMARY_CSV`, `MLFLOW_DB`, … as module attributes, resolved against the root when read
+    (`from sds.core.layout import MLFLOW_DB` takes the root of that moment: the CLI sets it first)."""
+    if name == "RESULTS":
+        return results_root()
+    if name in SHARED:
+        return shared_file(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # inside a stage checkpoint folder
 WEIGHTS = "weights.safetensors"
@@ -39,6 +90,7 @@ MODEL = "model"
 MANIFEST = "manifest.json"  # layer_inputs/activations: layers, nsamples, seqlen, dtype
 BUILD_RECORD = "build.json"  # the built-in model's training record
 WORK = "work"  # a layer pass's working stream, inside the output being built
+PENDING = "mlflow_pending"  # in a run folder: MLflow records kept while the store was unreachable
 
 ONE_SHOT_STAGES = ("prune1", "prune1_adjust")  # checkpoints directly below <method>/<pattern>/
 SETTING_STAGES = ("reconstruct", "sds")  # checkpoints below <method>/<pattern>/<recon>/
@@ -57,12 +109,13 @@ def stats_file(prune1_dir: str | Path, layer: int) -> Path:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The folder of one run, `results/<run>`."""
+    """The folder of one run, `<results root>/<run>` (`results`: the root, by default the current one)."""
     run: str
+    results: str = field(default_factory=results_root)
 
     @property
     def root(self) -> str:
-        return f"{RESULTS}/{self.run}"
+        return f"{self.results}/{self.run}"
 
     def _at(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -80,7 +133,7 @@ class RunLayout:
     report_md = property(lambda self: self._at("report", "report.md"))
     report_table = property(lambda self: self._at("report", "table.csv"))
     report_zeroshot = property(lambda self: self._at("report", "zeroshot.csv"))
-    pending = property(lambda self: self._at("mlflow_pending"))
+    pending = property(lambda self: self._at(PENDING))
 
     def checkpoint(self, method="{method}", pattern="{pattern}", stage="{stage}", recon="{recon}") -> str:
         """A stage checkpoint folder: prune1 / prune1_adjust per (method, pattern), reconstruct / sds per
@@ -159,5 +212,11 @@ def benchmark_job(path: str | Path) -> str:
     return f"{p.parent.name}/{p.stem}"
 
 
-def run_dir(run: str) -> Path:
-    return Path(RunLayout(run).root)
+def run_dir(run: str, results: str | None = None) -> Path:
+    return Path(RunLayout(run, results or results_root()).root)
+
+
+def runs_with_pending(results: str | None = None) -> list[str]:
+    """The runs under the results root that hold MLflow records kept for `sds sync`."""
+    root = Path(results or results_root())
+    return sorted(p.parent.name for p in root.glob(f"*/{PENDING}") if p.is_dir() and any(p.glob("*.json")))

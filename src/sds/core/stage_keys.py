@@ -29,9 +29,10 @@ DENSE_PHASE_KEYS = ("granularity", "inputs", "target", "l1", "l2", "l1_pruned_we
 ADJUST_KEYS = ("prune2.adjust", "prune2.adjust_steps", "prune2.adjust_iters", "prune2.admm_percdamp",
                "prune2.adjust_target", "prune2.percdamp")
 
-# Read by every stage, never a reason to re-run: the run's name (where its outputs go), MLflow's settings,
-# and trust_remote_code (the allow-listed architectures load with transformers' own classes either way).
-CONTEXT_KEYS = ("run", "mlflow", "model.trust_remote_code")
+# Read by every stage, never a reason to re-run: the run's name and the results root (where its outputs go),
+# MLflow's settings, and trust_remote_code (the allow-listed architectures load with transformers' own
+# classes either way).
+CONTEXT_KEYS = ("run", "results_dir", "mlflow", "model.trust_remote_code")
 
 _LAYER_PASS = ("threads", "device", "model.dtype", "forward_batch")
 _CARD = ("model.source", "calibration.nsamples", "calibration.seqlen")  # what a model card states

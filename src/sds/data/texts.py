@@ -2,35 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
+from ..core import sources
 from ..core.errors import DataError
 
-
-def hub_offline() -> None:
-    """Nothing is downloaded at run time: `datasets` and the Hub client read local files and caches only.
-    Sets HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 unless the user set them, also in modules that have
-    already read them at import."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hub = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
-    ds = os.environ["HF_DATASETS_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = hub
-    if "datasets.config" in sys.modules:
-        sys.modules["datasets.config"].HF_HUB_OFFLINE = ds
-        sys.modules["datasets.config"].HF_DATASETS_OFFLINE = ds
+hub_offline = sources.hub_offline  # where the readers of Hub caches (evaluation.zeroshot) take it from
 
 
 def read_text_source(source: str, *, text_field: str = "text", builtin_text: str | Path | None = None,
                      split: str = "train") -> str:
     """The text of a source: 'builtin' (a file the corpus stage wrote, read as it is), a .txt/.jsonl/.parquet
     path, or 'hf:<dataset>[:<config>[:<split>]]' read from the local `datasets` cache (offline: see
-    `hub_offline`). Records are joined with blank lines, the SparseGPT/Wanda `"\n\n".join(data["text"])`;
+    core.sources). Records are joined with blank lines, the SparseGPT/Wanda `"\n\n".join(data["text"])`;
     a .txt file's records are its lines as the `datasets` WikiText loader yields them (see `join_lines`), so
     a local wiki.test.raw gives the same text as hf:wikitext:wikitext-2-raw-v1:test."""
     if source == "builtin":
@@ -83,16 +69,8 @@ def _text_value(value, path: Path | str, text_field: str, where: str) -> str:
 
 
 def _read_datasets(source: str, text_field: str, default_split: str) -> str:
-    parts = source[3:].split(":")
-    name, cfg = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
-    split = parts[2] if len(parts) > 2 else default_split
-    hub_offline()
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, cfg, split=split)
-    except Exception as exc:
-        raise DataError(f"cannot load dataset {source!r} (split {split!r}) from the local datasets cache: {exc}") from None
+    ds = sources.load_hf_dataset(source, default_split)
+    sources.require_text_field(ds, source, text_field)
     return "\n\n".join(_text_value(x, source, text_field, f"record {i}") for i, x in enumerate(ds[text_field]))
 
 
