@@ -120,6 +120,25 @@ def test_hf_datasets_are_looked_up_in_the_local_cache(tmp_path, monkeypatch, cap
                                        "dataset 'hf:someone/tiny::test' has no field 'body' (its fields: text)\n")
 
 
+def test_an_hf_model_id_is_its_snapshot_in_the_local_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from sds.core.architectures import resolve_model_dir
+    from sds.core.config import config_errors
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_dir("hf:someone/tiny") == resolve_model_dir("someone/tiny") == snapshot
+    errors = config_errors({"run": "x", "model": {"source": "hf:someone/absent"}})[1]
+    assert errors[0] == ("config key 'model.source': model 'hf:someone/absent' is neither a local folder nor in the "
+                         f"local Hugging Face cache ({tmp_path / 'hub'}); nothing is downloaded at run time: give a "
+                         "save_pretrained folder or download it once beforehand")
+
+
 def test_an_hf_source_missing_from_the_cache_stops_the_run_before_any_work(tmp_path):
     cfg = {**MICRO, "calibration": {**MICRO["calibration"], "source": "hf:someone/absent-dataset"},
            "evaluate": {**MICRO["evaluate"], "datasets": {"builtin": "builtin", "wiki": "hf:wikitext:wikitext-2-raw-v1"}}}
