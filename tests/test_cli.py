@@ -51,7 +51,8 @@ def test_validate_lists_every_error_at_once(tmp_path, capsys):
 def test_validate_passes_a_valid_config_and_names_where_its_outputs_go(tmp_path, capsys):
     good = _write(tmp_path / "good.yaml", {**MICRO, "results_dir": str(tmp_path / "scratch")})
     assert main(["validate", str(good)]) == 0
-    assert capsys.readouterr().out == f"sds validate: {good}: valid (run 'micro', outputs under {tmp_path}/scratch/micro/)\n"
+    assert capsys.readouterr().out == (f"sds validate: {good}: valid (run 'micro', outputs under "
+                                       f"{tmp_path}/scratch/micro/)\n")
     assert main(["validate", "--print", str(good)]) == 0
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["results_dir"] == str(tmp_path / "scratch") and resolved["calibration"]["nsamples"] == 4
@@ -141,7 +142,8 @@ def test_an_hf_model_id_is_its_snapshot_in_the_local_hub_cache(tmp_path, monkeyp
 
 def test_an_hf_source_missing_from_the_cache_stops_the_run_before_any_work(tmp_path):
     cfg = {**MICRO, "calibration": {**MICRO["calibration"], "source": "hf:someone/absent-dataset"},
-           "evaluate": {**MICRO["evaluate"], "datasets": {"builtin": "builtin", "wiki": "hf:wikitext:wikitext-2-raw-v1"}}}
+           "evaluate": {**MICRO["evaluate"],
+                        "datasets": {"builtin": "builtin", "wiki": "hf:wikitext:wikitext-2-raw-v1"}}}
     path = _write(tmp_path / "hf.yaml", cfg)
     proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(path), check=False,
                      env={"HF_HOME": str(tmp_path / "hf-home"), "HF_DATASETS_CACHE": str(tmp_path / "hf-home" / "ds")})
@@ -150,8 +152,8 @@ def test_an_hf_source_missing_from_the_cache_stops_the_run_before_any_work(tmp_p
     first = lines.index("sds: invalid configuration: 2 errors:")
     assert lines[first + 1].startswith("  config key 'calibration.source': dataset 'hf:someone/absent-dataset' "
                                        "(split 'train') is not in the local datasets cache")
-    assert lines[first + 2].startswith("  config key 'evaluate.datasets.wiki': dataset "
-                                       "'hf:wikitext:wikitext-2-raw-v1' (split 'test') is not in the local datasets cache")
+    assert lines[first + 2].startswith("  config key 'evaluate.datasets.wiki': dataset 'hf:wikitext:wikitext-2-raw-v1' "
+                                       "(split 'test') is not in the local datasets cache")
     assert not (tmp_path / "results").exists()
 
 
@@ -230,9 +232,19 @@ def test_sds_export_runs_the_export_target_under_the_configs_root(tmp_path):
     assert not (tmp_path / "from-env").exists() and not (tmp_path / "results").exists()
 
 
-def test_sds_export_names_a_missing_config(tmp_path, capsys):
+def test_sds_export_names_a_missing_config_and_export_config_json_is_still_the_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SDS_RESULTS", raising=False)  # a stage exports its root: unset again afterwards
     assert main(["export", str(tmp_path / "nope.yaml")]) == 1
     assert capsys.readouterr().err == f"sds export: error: config file '{tmp_path / 'nope.yaml'}' not found\n"
+    from sds.core.config import validate_config
+
+    resolved = tmp_path / "resolved.json"
+    resolved.write_text(json.dumps(validate_config({"run": "t"})))
+    # the export rule's own call: the stage, which reads the model folder it is given
+    assert main(["export", "--config", str(resolved), f"model_dir={tmp_path / 'no-model'}", "stage=prune1",
+                 f"checkpoint={tmp_path / 'ckpt'}", "method=sparsegpt", "pattern=2of4", f"out={tmp_path / 'o'}"]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"sds export: error: model path '{tmp_path / 'no-model'}' does not exist or is not a directory\n")
 
 
 def test_kept_mlflow_records_and_the_default_store_follow_the_root(tmp_path, monkeypatch, capsys):
