@@ -123,21 +123,33 @@ def _semantic_checks(config: dict) -> None:
     source = config["calibration"]["source"]
     if source != "builtin" and not source.startswith("hf:") and not Path(source).is_file():
         raise ConfigError(f"config key 'calibration.source': file {source!r} not found")
-    _check_zeroshot(config["evaluate"]["zeroshot"])
+    _check_zeroshot(config["evaluate"]["zeroshot"], config["model"]["source"])
 
 
-def _check_zeroshot(zs: dict) -> None:
-    """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
-    the pipeline), so a missing file is reported before any work starts."""
-    from .tasksets import BUILTIN_TASKS, resolve_tasks, task_files
+def _check_zeroshot(zs: dict, model_source: str) -> None:
+    """Task names exist, an external model is not scored on the built-in model's tasks, and the data of
+    the non-built-in tasks is there (files, or datasets in the local datasets cache; the built-in ones
+    are made by the pipeline), so a missing file or dataset is reported before any work starts."""
+    from .tasksets import BUILTIN_TASKS, check_datasets_cache, resolve_tasks, task_files
 
     if not zs["enabled"]:
         return
     try:
-        names = resolve_tasks(zs["tasks"])
+        names = resolve_tasks(zs["tasks"], zs["source"])
     except ValueError as exc:
         raise ConfigError(f"config key 'evaluate.zeroshot.tasks': {exc}") from None
+    builtin = [n for n in names if n in BUILTIN_TASKS]
+    if builtin and model_source != "builtin":
+        raise ConfigError(f"config key 'evaluate.zeroshot.tasks' = {zs['tasks']!r}: {', '.join(builtin)} are the "
+                          f"built-in model's generated tasks, meaningless for model.source {model_source!r}; name "
+                          f"real tasks (e.g. sds or wanda, see docs/zeroshot.md) or set evaluate.zeroshot.enabled: false")
     external = [n for n in names if n not in BUILTIN_TASKS]
+    if zs["source"] == "datasets_cache":
+        try:
+            check_datasets_cache(external)
+        except TaskDataError as exc:
+            raise ConfigError(f"config key 'evaluate.zeroshot.source' = 'datasets_cache': {exc}") from None
+        return
     if external and not zs["data_dir"]:
         raise ConfigError(f"config key 'evaluate.zeroshot.data_dir' is required for the zero-shot tasks "
                           f"{', '.join(external)} (a folder with <task>/<split>.jsonl files)")

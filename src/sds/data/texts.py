@@ -2,28 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
 from ..core.errors import DataError
-
-
-def hub_offline() -> None:
-    """Nothing is downloaded at run time: `datasets` and the Hub client read local files and caches only.
-    Sets HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 unless the user set them, also in modules that have
-    already read them at import."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hub = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
-    ds = os.environ["HF_DATASETS_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = hub
-    if "datasets.config" in sys.modules:
-        sys.modules["datasets.config"].HF_HUB_OFFLINE = ds
-        sys.modules["datasets.config"].HF_DATASETS_OFFLINE = ds
+from ..core.offline import hub_offline
 
 
 def read_text_source(source: str, *, text_field: str = "text", builtin_text: str | Path | None = None,
