@@ -13,10 +13,11 @@ import torch
 
 from conftest import ROOT
 from sds.core import tasksets
+from sds.evaluation import zeroshot
 from sds.core.config import validate_config
 from sds.core.errors import ConfigError, TaskDataError
 from sds.demo.corpus import generate_corpus
-from test_zeroshot import RECORDS, _loglikelihood
+from test_zeroshot import RECORDS, _loglikelihood, write_records
 
 # the tasks run here, by lm-eval's names, with the Hub dataset, config and splits their lm-eval YAMLs read
 RTE = ("nyu-mll/glue", "rte", {"train": RECORDS["rte"][:1], "validation": RECORDS["rte"]})
@@ -104,10 +105,32 @@ def test_lm_eval_task_names_find_lm_evals_own_yamls():
         tasksets.resolve_tasks(["mmlu_anatomy"])  # files: only the shipped YAMLs
 
 
+def test_both_sets_through_lm_evals_own_yamls_score_as_the_shipped_ones(tmp_path, cache, model_dir):
+    """Every task of the sds and wanda sets, run through lm-eval's own YAML from a datasets cache, scores
+    exactly as our shipped YAML of it on the same records as files: the shipped YAMLs are lm-eval's."""
+    from sds.model.loading import load_model
+
+    model, tok = load_model(model_dir)
+    names = tasksets.resolve_tasks(["sds", "wanda"], "datasets_cache")
+    for name in names:
+        data = tasksets.harness_dataset(name)
+        cache_dataset(cache, data["path"], data["name"], {split: RECORDS[name] for split in data["splits"]}, tmp_path)
+    assert set(tasksets.check_datasets_cache(names)) == set(names)
+    cached = zeroshot.evaluate_zeroshot(model, tok, zeroshot.load_tasks(names, {}, tmp_path / "a"), batch_size=8,
+                                        bootstrap_iters=0)
+    files = tasksets.task_files(names, write_records(tmp_path / "files"), None)
+    shipped = zeroshot.evaluate_zeroshot(model, tok, zeroshot.load_tasks(names, files, tmp_path / "b"), batch_size=8,
+                                         bootstrap_iters=0)
+    assert list(cached["tasks"]) == names
+    for name in names:
+        assert cached["tasks"][name]["n"] == len(RECORDS[name]), name
+        assert cached["tasks"][name] == pytest.approx(shipped["tasks"][name], rel=1e-6, abs=1e-12), name
+
+
 def test_external_model_with_builtin_tasks_is_refused(model_dir, tmp_path):
-    for zeroshot in ({}, {"tasks": "builtin"}, {"tasks": ["sds_count"], "source": "datasets_cache"}):
+    for settings in ({}, {"tasks": "builtin"}, {"tasks": ["sds_count"], "source": "datasets_cache"}):
         with pytest.raises(ConfigError) as err:
-            validate_config(external(model_dir, tmp_path, **zeroshot))
+            validate_config(external(model_dir, tmp_path, **settings))
         message = str(err.value)
         assert "'evaluate.zeroshot.tasks'" in message and "built-in model's generated tasks" in message
         assert str(model_dir) in message and "\n" not in message
