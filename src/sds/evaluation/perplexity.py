@@ -174,7 +174,7 @@ def evaluate_layerwise(lm, tokenizer, config: dict, *, label: str, weights=None,
 
 
 def zeroshot_scores(model: nn.Module, tokenizer, config: dict, tasks: dict, *, label: str) -> dict:
-    """Zero-shot accuracy of a whole (possibly offloaded) model on `tasks` (evaluation.zeroshot.prepare_tasks),
+    """Zero-shot accuracy of a whole (possibly offloaded) model on `tasks` (evaluation.zeroshot.load_tasks),
     with a result line per task."""
     from .zeroshot import evaluate_zeroshot
 
@@ -185,7 +185,8 @@ def zeroshot_scores(model: nn.Module, tokenizer, config: dict, tasks: dict, *, l
     scores["seconds"] = time.monotonic() - start
     log = logging.getLogger("sds")
     for name, row in scores["tasks"].items():
-        log.info("%s: zero-shot %s acc = %.4f%s (n = %d)", label, name, row.get("acc") or float("nan"),
+        log.info("%s: zero-shot %s acc = %.4f%s (n = %d)", label, name,
+                 row["acc"] if row.get("acc") is not None else float("nan"),
                  f", acc_norm = {row['acc_norm']:.4f}" if row.get("acc_norm") is not None else "", row["n"])
     log.info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label, scores["mean"].get("acc", float("nan")),
              ", ".join(tasks), scores["seconds"])
