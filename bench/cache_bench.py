@@ -255,7 +255,8 @@ def stage_share(args) -> int:
     make_text(text, max(args.nsamples * args.seqlen * 2, 50_000), shape["vocab"])
     cfg = validate_config({"run": "bench", "threads": 2, "model": {"source": str(model)},
                            "calibration": {"source": str(text), "nsamples": args.nsamples, "seqlen": args.seqlen},
-                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": args.seqlen, "max_windows": 4},
+                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": args.seqlen, "max_windows": 4,
+                                        "zeroshot": {"enabled": False}},
                            "prune": {"methods": ["sparsegpt"], "patterns": ["2:4"]}, "mlflow": {"enabled": False}})
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg))

@@ -215,7 +215,8 @@ def run_pipeline(shape: dict, nsamples: int, seqlen: int, method: str, pattern: 
     make_text(text, max(nsamples * seqlen * 2, 50_000), shape["vocab"])
     cfg = validate_config({"run": "bench", "threads": threads, "model": {"source": str(model)},
                            "calibration": {"source": str(text), "nsamples": nsamples, "seqlen": seqlen},
-                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": seqlen, "max_windows": 4},
+                           "evaluate": {"datasets": {"calib": str(text)}, "seqlen": seqlen, "max_windows": 4,
+                                        "zeroshot": {"enabled": False}},
                            "prune": {"methods": [method], "patterns": [pattern]}, "mlflow": {"enabled": False},
                            **(overrides or {})})
     cfg_path = work / "config.json"

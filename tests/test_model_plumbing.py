@@ -171,7 +171,7 @@ def test_sliding_window_refused_only_beyond_the_window(tmp_path):
                                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=32,
                                                     max_position_embeddings=128))
     cfg = {"run": "x", "model": {"source": str(tmp_path / "m")}, "calibration": {"source": __file__, "seqlen": 32},
-           "evaluate": {"seqlen": 32, "datasets": {"t": __file__}}}
+           "evaluate": {"seqlen": 32, "datasets": {"t": __file__}, "zeroshot": {"enabled": False}}}
     validate_config(cfg)  # within the window every layer sees the full causal context
     cfg["evaluate"]["seqlen"] = 64
     with pytest.raises(ConfigError, match="sliding-window or per-layer attention types \\(window 32\\)"):

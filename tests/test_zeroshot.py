@@ -150,7 +150,8 @@ def test_every_shipped_task_runs_offline_on_local_records(tmp_path, random_lm, m
     model, tok = random_lm
     names = tasksets.resolve_tasks(["sds", "wanda"])
     files = tasksets.task_files(names, write_records(tmp_path), None)
-    out = zeroshot.evaluate_zeroshot(model, tok, files, batch_size=8, bootstrap_iters=0)
+    tasks = zeroshot.load_tasks(names, files, tmp_path / "arrow")
+    out = zeroshot.evaluate_zeroshot(model, tok, tasks, batch_size=8, bootstrap_iters=0)
     assert list(out["tasks"]) == names
     for name, row in out["tasks"].items():
         assert row["n"] == len(RECORDS[name]), name
@@ -196,7 +197,8 @@ def test_parquet_data_and_limit(tmp_path, random_lm):
     model, tok = random_lm
     files = tasksets.task_files(["rte", "winogrande"], write_records(tmp_path, ["rte", "winogrande"], ".parquet"), None)
     assert files["rte"]["validation"].suffix == ".parquet"
-    out = zeroshot.evaluate_zeroshot(model, tok, files, batch_size=4, limit=1)
+    out = zeroshot.evaluate_zeroshot(model, tok, zeroshot.load_tasks(list(files), files, tmp_path / "arrow"),
+                                     batch_size=4, limit=1)
     assert {row["n"] for row in out["tasks"].values()} == {1}
 
 

@@ -4,7 +4,7 @@ from sds.core.tasksets import BUILTIN_TASKS, resolve_tasks  # noqa: E402
 CORPUS = L.corpus if BUILTIN else []
 CORPUS_ARG = f"corpus_dir={L.corpus}" if BUILTIN else ""
 _ZS = RESOLVED["evaluate"]["zeroshot"]
-ZS_TASKS = L.tasks if _ZS["enabled"] and set(resolve_tasks(_ZS["tasks"])) & set(BUILTIN_TASKS) else []
+ZS_TASKS = L.tasks if _ZS["enabled"] and set(resolve_tasks(_ZS["tasks"], _ZS["source"])) & set(BUILTIN_TASKS) else []
 TASKS_ARG = f"tasks_dir={ZS_TASKS}" if ZS_TASKS else ""
 
 

@@ -165,19 +165,32 @@ def _check_text_sources(config: dict):
 
 
 def _check_zeroshot(config: dict):
-    """Task names exist and the data files of the non-built-in tasks are there (built-in ones are made by
-    the pipeline), so a missing file is reported before any work starts."""
-    from .tasksets import BUILTIN_TASKS, resolve_tasks, task_files
+    """Task names exist, an external model is not scored on the built-in model's tasks, and the data of the
+    non-built-in tasks is there (files, or datasets in the local datasets cache; the built-in ones are made
+    by the pipeline), so a missing file or dataset is reported before any work starts."""
+    from .tasksets import BUILTIN_TASKS, check_datasets_cache, resolve_tasks, task_files
 
     zs = config["evaluate"]["zeroshot"]
     if not zs["enabled"]:
         return
     try:
-        names = resolve_tasks(zs["tasks"])
+        names = resolve_tasks(zs["tasks"], zs["source"])
     except ValueError as exc:
         yield f"config key 'evaluate.zeroshot.tasks': {exc}"
         return
+    model_source = config["model"]["source"]
+    builtin = [n for n in names if n in BUILTIN_TASKS]
+    if builtin and model_source != "builtin":
+        yield (f"config key 'evaluate.zeroshot.tasks' = {zs['tasks']!r}: {', '.join(builtin)} are the "
+               f"built-in model's generated tasks, meaningless for model.source {model_source!r}; name "
+               f"real tasks (e.g. sds or wanda, see docs/zeroshot.md) or set evaluate.zeroshot.enabled: false")
     external = [n for n in names if n not in BUILTIN_TASKS]
+    if zs["source"] == "datasets_cache":
+        try:
+            check_datasets_cache(external)
+        except TaskDataError as exc:
+            yield f"config key 'evaluate.zeroshot.source' = 'datasets_cache': {exc}"
+        return
     if external and not zs["data_dir"]:
         yield (f"config key 'evaluate.zeroshot.data_dir' is required for the zero-shot tasks "
                f"{', '.join(external)} (a folder with <task>/<split>.jsonl files)")

@@ -9,7 +9,6 @@ import torch
 from ..core import sources
 from ..core.errors import DataError
 
-hub_offline = sources.hub_offline  # where the readers of Hub caches (evaluation.zeroshot) take it from
 
 
 def read_text_source(source: str, *, text_field: str = "text", builtin_text: str | Path | None = None,

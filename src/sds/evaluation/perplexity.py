@@ -173,16 +173,21 @@ def evaluate_layerwise(lm, tokenizer, config: dict, *, label: str, weights=None,
     return scores, [{"args": t["args"], "windows": t["windows"].shape[0], "path": t["path"]} for t in texts]
 
 
-def zeroshot_scores(model: nn.Module, tokenizer, config: dict, zeroshot_files: dict, *, label: str) -> dict:
-    """Zero-shot accuracy of a whole (possibly offloaded) model on `zeroshot_files` (core.tasksets.task_files)."""
+def zeroshot_scores(model: nn.Module, tokenizer, config: dict, tasks: dict, *, label: str) -> dict:
+    """Zero-shot accuracy of a whole (possibly offloaded) model on `tasks` (evaluation.zeroshot.load_tasks),
+    with a result line per task."""
     from .zeroshot import evaluate_zeroshot
 
     zs = config["evaluate"]["zeroshot"]
     start = time.monotonic()
-    scores = evaluate_zeroshot(model, tokenizer, zeroshot_files, batch_size=zs["batch_size"], limit=zs["limit"],
-                               bootstrap_iters=zs["bootstrap_iters"], seed=config["seed"])
+    scores = evaluate_zeroshot(model, tokenizer, tasks, batch_size=zs["batch_size"], limit=zs["limit"],
+                               bootstrap_iters=zs["bootstrap_iters"], seed=config["seed"], label=label)
     scores["seconds"] = time.monotonic() - start
-    logging.getLogger("sds").info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label,
-                                  scores["mean"].get("acc", float("nan")), ", ".join(zeroshot_files),
-                                  scores["seconds"])
+    log = logging.getLogger("sds")
+    for name, row in scores["tasks"].items():
+        log.info("%s: zero-shot %s acc = %.4f%s (n = %d)", label, name,
+                 row["acc"] if row.get("acc") is not None else float("nan"),
+                 f", acc_norm = {row['acc_norm']:.4f}" if row.get("acc_norm") is not None else "", row["n"])
+    log.info("%s: zero-shot mean acc = %.4f over %s (%.1fs)", label, scores["mean"].get("acc", float("nan")),
+             ", ".join(tasks), scores["seconds"])
     return scores

@@ -88,29 +88,34 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
 
     started = time.time()
     zs = config["evaluate"]["zeroshot"]
-    zs_files = None
-    if zs["enabled"]:  # every task's data file is checked before the evaluation starts
-        from ..core.tasksets import resolve_tasks, task_files
+    zs_tasks = None
+    if zs["enabled"]:  # every task's data file or cached dataset is checked before anything is loaded
+        from ..core.tasksets import check_task_data
 
-        zs_files = task_files(resolve_tasks(zs["tasks"]), zs["data_dir"], tasks_dir)
-    device = setup(config)
-    lm = layerwise_model(config, model_dir, device)
-    trust = config["model"]["trust_remote_code"]
-    tokenizer = load_tokenizer(lm.folder, trust_remote_code=trust)
+        zs_names, zs_files = check_task_data(zs, tasks_dir)
     label = "/".join(x for x in (method, pattern, recon, stage) if x)
     result = {"stage": stage, "method": method, "pattern": str(pattern_from_slug(pattern)) if pattern else "",
               "recon": recon}
     start = time.monotonic()
     with scratch_dir(out) as work:
+        if zs["enabled"]:  # the tasks with their data (lm_eval), still before the model
+            from ..evaluation.zeroshot import load_tasks, quiet_progress_bars
+
+            zs_tasks = load_tasks(zs_names, zs_files, work / "zeroshot-data")
+        device = setup(config)
+        lm = layerwise_model(config, model_dir, device)
+        trust = config["model"]["trust_remote_code"]
+        tokenizer = load_tokenizer(lm.folder, trust_remote_code=trust)
         # every tensor is read once: verified as it is read (not hashed whole first, then read)
         reader = TensorReader(weights, device=device, verify="per_tensor") if weights else None
         scores, texts = evaluate_layerwise(
             lm, tokenizer, config, label=label, weights=reader, pattern=pattern_from_slug(pattern) if pattern else None,
             corpus_dir=corpus_dir, work_dir=work)
-        if zs_files:
-            model = whole_model(lm, weights_file=Path(weights) if weights else None, budget=whole_model_budget(device),
-                                work_dir=work, trust_remote_code=trust)
-            scores["zeroshot"] = zeroshot_scores(model, tokenizer, config, zs_files, label=label)
+        if zs_tasks:
+            with quiet_progress_bars():  # transformers' bar while a sharded model loads
+                model = whole_model(lm, weights_file=Path(weights) if weights else None,
+                                    budget=whole_model_budget(device), work_dir=work, trust_remote_code=trust)
+            scores["zeroshot"] = zeroshot_scores(model, tokenizer, config, zs_tasks, label=label)
             del model
     result.update(scores)
     result["seconds"] = time.monotonic() - start
