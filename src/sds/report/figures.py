@@ -41,23 +41,20 @@ def figures(config: dict, results: list[dict], seconds: dict[str, float], checkp
                   "compare the SDS bar with one-shot and one-shot + adjust in each group — the gap between those "
                   f"two bars and SDS is what the dense phase adds.{axis}")]
     errors = layer_errors(checkpoints) if errors is None else errors
-    fig = layer_errors_figure(errors)
-    if fig is not None:
-        plots.append(Plot("layer_errors.png", fig,
-                          "**Where SDS helps inside the model**: the relative output error of every linear after "
-                          "each stage (log scale; a grey line joins one linear's stages): look for linears whose "
-                          "SDS marker sits clearly below one-shot + adjust — those the dense phase improved."))
-    fig = zeroshot_figure(results)
-    if fig is not None:
-        plots.append(Plot("zeroshot.png", fig,
-                          "**Zero-shot mean accuracy minus dense**, in points, with ± 1 stderr bars (the grey band "
-                          "is the dense model's ± 1 stderr): differences smaller than the error bars are noise."))
-    fig = seconds_figure(seconds)
-    if fig is not None:
-        plots.append(Plot("seconds.png", fig,
-                          "**Seconds per stage**, top to bottom in the order the pipeline runs them, the jobs of a "
-                          "stage summed: the longest bars are where a run (and a re-run after a change to that "
-                          "stage's settings) spends its time."))
+    captions = {
+        "layer_errors.png": (layer_errors_figure(errors),
+                             "**Where SDS helps inside the model**: the relative output error of every linear after "
+                             "each stage (log scale; a grey line joins one linear's stages): look for linears whose "
+                             "SDS marker sits clearly below one-shot + adjust — those the dense phase improved."),
+        "zeroshot.png": (zeroshot_figure(results),
+                         "**Zero-shot mean accuracy minus dense**, in points, with ± 1 stderr bars (the grey band "
+                         "is the dense model's ± 1 stderr): differences smaller than the error bars are noise."),
+        "seconds.png": (seconds_figure(seconds),
+                        "**Seconds per stage**, top to bottom in the order the pipeline runs them, the jobs of a "
+                        "stage summed: the longest bars are where a run (and a re-run after a change to that "
+                        "stage's settings) spends its time."),
+    }
+    plots += [Plot(name, fig, caption) for name, (fig, caption) in captions.items() if fig is not None]
     hist = _histograms(config, model_dir, checkpoints)
     if hist is not None:
         plots.append(hist)
