@@ -42,6 +42,7 @@ def test_a_hub_models_card_names_it_as_base_model_and_carries_its_license(tmp_pa
         assert meta["sparsity_pattern"] == "2:4" and meta["sparsity"] == SPARSITY["overall"]
         assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
         assert "dense with zeros" in text.lower() and "to_sparse_semi_structured" in text
+        assert "\n# SDS (Sparse-Dense-Sparse) pruned model\n" in text
 
 
 def test_the_license_of_a_source_without_one_in_its_card_comes_from_its_license_file(tmp_path):

@@ -41,11 +41,13 @@ def figures(config: dict, results: list[dict], seconds: dict[str, float], checkp
                   "compare the SDS bar with one-shot and one-shot + adjust in each group — the gap between those "
                   f"two bars and SDS is what the dense phase adds.{axis}")]
     errors = layer_errors(checkpoints) if errors is None else errors
+    fig = layer_errors_figure(errors)
+    log = fig is not None and fig.axes[0].get_yscale() == "log"  # linear where an error is exactly 0
     captions = {
-        "layer_errors.png": (layer_errors_figure(errors),
-                             "**Where SDS helps inside the model**: the relative output error of every linear after "
-                             "each stage (log scale; a grey line joins one linear's stages): look for linears whose "
-                             "SDS marker sits clearly below one-shot + adjust — those the dense phase improved."),
+        "layer_errors.png": (fig, "**Where SDS helps inside the model**: the relative output error of every linear "
+                             f"after each stage ({'log' if log else 'linear'} scale; a grey line joins one linear's "
+                             "stages): look for linears whose SDS marker sits clearly below one-shot + adjust — those "
+                             "the dense phase improved."),
         "zeroshot.png": (zeroshot_figure(results),
                          "**Zero-shot mean accuracy minus dense**, in points, with ± 1 stderr bars (the grey band "
                          "is the dense model's ± 1 stderr): differences smaller than the error bars are noise."),

@@ -128,7 +128,7 @@ def model_card(config: dict, stage: str, method: str, pattern, sparsity: dict, s
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip()}
 ---
-# {STAGE_TITLES[stage].capitalize()} model
+# {STAGE_TITLES[stage][:1].upper() + STAGE_TITLES[stage][1:]} model
 
 {_source_lines(config, meta)}
 - Method: {STAGE_TITLES[stage]}, with `{method}` as the pruner, pattern `{pattern}`

@@ -19,11 +19,18 @@ def stage_rank(stage: str) -> tuple[int, str]:
     return _RANK.get(stage, len(_RANK)), stage
 
 
+# evaluation jobs (benchmark names <method>_<pattern>[_<setting>]_<checkpoint>) in the order their checkpoints
+# are made
+_EVALUATED = ("prune1", "prune1_adjust", "sds")
+
+
 def job_order(jobs) -> list[str]:
-    """'stage/job' keys in pipeline order; within a stage the dense evaluation first, then by name."""
+    """'stage/job' keys in pipeline order; within `evaluate` the dense model first, then the one-shot, the
+    one-shot + adjust and the SDS checkpoints' evaluations; otherwise by name."""
     def key(k: str):
         stage, job = k.split("/", 1)
-        return (*stage_rank(stage), job != "dense", job)
+        made = [i for i, c in enumerate(_EVALUATED) if job.endswith(f"_{c}")] if stage == "evaluate" else []
+        return (*stage_rank(stage), job != "dense", made[-1] if made else len(_EVALUATED), job)
 
     return sorted(jobs, key=key)
 

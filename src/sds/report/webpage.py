@@ -1,9 +1,8 @@
 """report.html: report.md rendered as one self-contained page, its figures inlined as data: URIs, for
-MLflow's artifact view. MLflow 3.17's UI renders a .md artifact with react-markdown and its default URL
-filter: a relative image path is kept but resolves against the UI's own address, where no figure lies, and a
-data: URI is dropped; an .html artifact is shown in a sandboxed iframe loaded from a blob: URL, where data:
-images render (checked with headless Chromium against a local `mlflow server`: README, "Results on the
-embedded default")."""
+MLflow's artifact view. MLflow 3.17's UI renders a .md artifact with react-markdown: it shows an image that
+report.md links by a relative path as text (`[ppl](ppl.png)`), and its URL filter drops data: URIs; an .html
+artifact is shown in a sandboxed iframe loaded from a blob: URL, where data: images render (checked with
+headless Chromium against a local `mlflow server`; README, "Results on the embedded default")."""
 from __future__ import annotations
 
 import base64
