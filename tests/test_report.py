@@ -213,6 +213,8 @@ def test_layer_errors_draw_every_linear_of_every_sparse_checkpoint(rendered):
     first = [v["rel_error"] for v in json.loads((root / "results" / "t" / "wanda" / "4of8" / "prune1" /
                                                   "layers.json").read_text())["linears"].values()]
     assert f"| wanda | 4:8 | {sum(first) / len(first):.4f} | " in table
+    # the caption names the scale the figure has (log: every error of this run is above 0)
+    assert plots["layer_errors.png"].axes[0].get_yscale() == "log" and "after each stage (log scale;" in md
 
 
 def _assert_readable(plots):
@@ -327,3 +329,175 @@ def test_the_pipelines_report_states_the_bytes_each_stage_wrote(micro_run):
     mine = sum(_size(p) for job, p in outputs.items() if "sparsegpt" in job)
     assert rows["sparsegpt 2:4"] == (mine, f"{mine / weights:.2f}×")
     assert rows["(shared)"][0] + mine == rows["**total**"][0] == sum(_size(p) for p in outputs.values())
+
+
+# --- one unit, wide ranges, pipeline order, captions true to the data, zero-shot off, MLflow's view ------------
+
+
+def _ppl_rows(md: str, ds: str) -> list[dict]:
+    """The rows of report.md's perplexity table for `ds`, by column name."""
+    section = md.split(f"## Perplexity on `{ds}`", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_the_tables_and_ppl_png_share_one_unit_with_absolute_perplexity_beside(rendered):
+    """Every one-shot / adjust / SDS cell of the perplexity tables is the increase over dense in %, written as
+    the bar of ppl.png that draws that checkpoint labels it; the PPL columns are summary.csv's perplexities."""
+    root, _, _, plots = rendered
+    md = (root / "report" / "report.md").read_text()
+    rows = list(csv.DictReader((root / "summary.csv").open()))
+    panels = {ax.get_title(loc="left").split(":")[0]: ax for ax in plots["ppl.png"].axes}
+    stages = {"one-shot": "prune1", "one-shot + adjust": "prune1+adjust", "SDS": "sds"}
+    for ds, ax in panels.items():
+        dense = next(float(r["ppl"]) for r in rows if r["stage"] == "dense" and r["dataset"] == ds)
+        labels = {t.get_text() for t in ax.texts}
+        bars = drawn_bars(ax)
+        table = _ppl_rows(md, ds)
+        assert len(table) == 3 * 3
+        for row in table:
+            for column, stage in stages.items():
+                ppl = next(float(r["ppl"]) for r in rows if (r["dataset"], r["method"], r["pattern"], r["stage"])
+                           == (ds, row["method"], row["pattern"], stage))
+                assert row[f"PPL {column}"] == f"{ppl:.3f}"
+                assert f"{row[column]} ({row[f'PPL {column}']})" in labels, (ds, row, column)
+                recon = row["recon"] if stage == "sds" else ""
+                drawn = bars[f"{row['method']}|{row['pattern']}|{stage}|{recon}"]
+                assert float(row[column].rstrip("%")) == pytest.approx(drawn, abs=0.06)
+                assert drawn == pytest.approx(100 * (ppl / dense - 1), abs=1e-3)
+            assert float(row["SDS − one-shot, points"]) == pytest.approx(
+                float(row["SDS"].rstrip("%")) - float(row["one-shot"].rstrip("%")), abs=0.11)
+    assert "in % of the dense perplexity" in md and "logarithmic" not in md  # this run's range fits a linear axis
+    assert all(ax.get_xscale() == "linear" for ax in panels.values())
+
+
+def _rewrite_eval(path, **changes):
+    record = json.loads(open(path).read())
+    record.update(changes)
+    write_json(path, record, output=True)
+
+
+def test_one_wide_bar_puts_the_perplexity_axis_on_a_log_scale_and_the_caption_says_so(tmp_path):
+    """One checkpoint at +6232 % among ones near +10 % (magnitude against Wanda on SmolLM2): the x axis turns
+    symmetric-log, every bar keeps its exact value, and the small bars stay readable (a linear axis would
+    draw +10 % in 1/600 of the widest bar)."""
+    cfg, evals, benchmarks, ckpts, model_dir = run = synthetic_run(tmp_path, n_methods=3, n_patterns=1, layers=2,
+                                                                   datasets=("builtin",))
+    wide = next(p for p in evals if "/magnitude/" in p and p.endswith("prune1.json"))
+    _rewrite_eval(wide, ppl={"builtin": 20.0 * 63.32})
+    fig = _figures(run)["ppl.png"]
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "symlog"
+    bars = drawn_bars(ax)
+    assert bars["magnitude|2:4|prune1|"] == pytest.approx(6232.0)
+    fig.canvas.draw()
+
+    def px(value):
+        x0, x1 = ax.transData.transform([(0, 0), (value, 0)])[:, 0]
+        return x1 - x0
+
+    small = [v for k, v in bars.items() if v > 0 and not k.startswith("magnitude|2:4|prune1")]
+    assert min(px(v) for v in small) > 0.1 * px(6232.0)
+    assert overlapping_texts(fig) == [] and clipped_texts(fig) == []
+    build_report(cfg, evals, benchmarks, tmp_path / "report", tmp_path / "summary.csv", model_dir, ckpts)
+    md = (tmp_path / "report" / "report.md").read_text()
+    caption = md.split("](ppl.png)", 1)[1].split("\n\n", 2)[1]
+    assert "logarithmic beyond" in caption and "+6232.0%" in caption
+    assert "| magnitude | 2:4 | default | +6232.0% |" in md
+
+
+def test_seconds_table_and_chart_follow_the_pipeline(tmp_path):
+    cfg, evals, benchmarks, ckpts, model_dir = synthetic_run(tmp_path, n_methods=1, n_patterns=1, layers=2)
+    R = tmp_path / "results" / "t" / "benchmarks"
+    extra = [("report", "report"), ("evaluate", "sparsegpt_2of4_default_sds"), ("evaluate", "dense"),
+             ("evaluate", "sparsegpt_2of4_prune1_adjust"), ("evaluate", "sparsegpt_2of4_prune1"),
+             ("prune2", "sparsegpt_2of4_default"), ("reconstruct", "sparsegpt_2of4_default"),
+             ("layer_inputs", "layer_inputs"), ("build_model", "build_model"), ("zeroshot_tasks", "zeroshot_tasks"),
+             ("corpus", "corpus")]
+    for stage, job in extra:  # written in an order the pipeline's is not
+        (R / stage).mkdir(parents=True, exist_ok=True)
+        (R / stage / f"{job}.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t100\n")
+        benchmarks.append(str(R / stage / f"{job}.tsv"))
+    benchmarks.reverse()
+    build_report(cfg, evals, benchmarks, tmp_path / "report", tmp_path / "summary.csv", model_dir, ckpts)
+    md = (tmp_path / "report" / "report.md").read_text()
+    jobs = list(_stage_table(md))
+    pipeline = ["corpus", "build_model", "calibration", "layer_inputs", "activations", "prune1", "prune1_adjust",
+                "reconstruct", "prune2", "zeroshot_tasks", "evaluate", "report"]
+    assert list(dict.fromkeys(j.split("/")[0] for j in jobs)) == pipeline
+    evaluations = [j for j in jobs if j.startswith("evaluate/")]  # dense, then as the checkpoints are made
+    assert evaluations[:4] == ["evaluate/dense", "evaluate/sparsegpt_2of4_prune1",
+                               "evaluate/sparsegpt_2of4_prune1_adjust", "evaluate/sparsegpt_2of4_default_sds"]
+    seconds = _figures((cfg, evals, benchmarks, ckpts, model_dir))["seconds.png"]
+    assert [t.get_text() for t in seconds.axes[0].get_yticklabels()] == pipeline
+
+
+def _set_weight(ckpt, tensor):
+    save_tensors(ckpt / "weights.safetensors", {HIST_KEY: tensor})
+
+
+@pytest.mark.parametrize("refit", ["sparser", "denser"])
+def test_the_histogram_caption_counts_the_non_zeros_each_curve_draws(tmp_path, refit):
+    """The caption and the legend state each curve's non-zero count, and whether the dense reconstruction
+    re-filled or removed weights against the first prune: computed from the tensors, true either way."""
+    cfg, evals, benchmarks, ckpts, model_dir = run = synthetic_run(tmp_path, n_methods=1, n_patterns=1, layers=2)
+    g = torch.Generator().manual_seed(1)
+    R = tmp_path / "results" / "t" / "sparsegpt" / "2of4"
+    dense = torch.randn(16, 8, generator=g)
+    keep = (torch.rand(16, 8, generator=g) < 0.5)
+    first = dense * keep
+    regrow = torch.rand(16, 8, generator=g) < (0.2 if refit == "sparser" else 0.9)
+    shrink = torch.rand(16, 8, generator=g) < (0.6 if refit == "sparser" else 0.1)
+    recon = torch.randn(16, 8, generator=g) * ((keep & ~shrink) | (~keep & regrow))
+    sds = dense * (torch.rand(16, 8, generator=g) < 0.5)
+    for stage, W in (("prune1", first), ("default/reconstruct", recon), ("default/sds", sds)):
+        _set_weight(R / stage, W)
+    fig = _figures(run)["histograms.png"]
+    count = {name: int((W != 0).sum()) for name, W in (("prune1", first), ("reconstruct", recon), ("sds", sds))}
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[1:] == [f"{name}: {n:,} of 128 non-zero" for name, n in count.items()]
+    build_report(cfg, evals, benchmarks, tmp_path / "report", tmp_path / "summary.csv", model_dir, ckpts)
+    caption = (tmp_path / "report" / "report.md").read_text().split("](histograms.png)", 1)[1]
+    filled, removed = int(((recon != 0) & (first == 0)).sum()), int(((recon == 0) & (first != 0)).sum())
+    assert f"prune1 {count['prune1']} of 128; reconstruct {count['reconstruct']} of 128" in caption
+    assert (f"The dense reconstruction re-filled {filled} of the {128 - count['prune1']} positions the first prune "
+            f"removed and set {removed} of the {count['prune1']} weights it kept to zero") in caption
+    net = count["reconstruct"] - count["prune1"]
+    assert (f"{-net} fewer non-zeros than the first prune" if refit == "sparser" else
+            f"{net} more non-zeros than the first prune") in caption
+    assert (net < 0) == (refit == "sparser")
+
+
+def test_a_run_without_zero_shot_says_so(tmp_path):
+    cfg, evals, benchmarks, ckpts, model_dir = synthetic_run(tmp_path, n_methods=1, n_patterns=1, layers=2)
+    for path in evals:
+        record = json.loads(open(path).read())
+        record.pop("zeroshot")
+        write_json(path, record, output=True)
+    cfg = validate_config({"run": "t", "evaluate": {"datasets": {"builtin": "builtin", "held_out": "builtin"},
+                                                    "zeroshot": {"enabled": False}}})
+    build_report(cfg, evals, benchmarks, tmp_path / "report", tmp_path / "summary.csv", model_dir, ckpts)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "zero-shot: off (`evaluate.zeroshot.enabled: false`)" in md
+    assert "## Zero-shot accuracy" not in md and "zeroshot.png" not in md
+
+
+def test_report_html_carries_every_figure_inline_for_mlflows_view(rendered):
+    """report.html (an artifact beside report.md) holds report.md's text, tables and every PNG it links, as
+    data: URIs with the PNG's exact bytes (MLflow renders .html in an iframe, where data: images show)."""
+    import base64
+    import re
+
+    root, _, artifacts, _ = rendered
+    page = (root / "report" / "report.html").read_text()
+    assert str(root / "report" / "report.html") in artifacts
+    md = (root / "report" / "report.md").read_text()
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == len(linked) == len(FIGURES)
+    for name, src in zip(linked, sources):
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == (root / "report" / name).read_bytes()
+    tables = sum(1 for line in md.splitlines() if line.startswith("|---|"))
+    assert page.count("<table>") == tables > 3 and "zero-shot: on" in page

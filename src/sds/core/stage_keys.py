@@ -52,8 +52,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "export": ("model.dtype",) + _CARD,
     "zeroshot_tasks": ("seed", "evaluate.zeroshot.builtin_items"),
     "evaluate": ("seed", "threads", "device", "model.dtype", "forward_batch", "evaluate"),
-    "report": ("report", "evaluate.datasets", "evaluate.seqlen", "calibration.source", "calibration.nsamples",
-               "calibration.seqlen", "model.source"),
+    "report": ("report", "evaluate.datasets", "evaluate.seqlen", "evaluate.zeroshot.enabled",
+               "evaluate.zeroshot.tasks", "calibration.source", "calibration.nsamples", "calibration.seqlen",
+               "model.source"),
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core.layout import LAYERS, MASKS, WEIGHTS
-from ..storage.documents import read_json, write_json, write_text
+from ..storage.documents import copy_file, read_json, write_json, write_text
 from ..storage.safetensors import SafetensorsStreamWriter, TensorReader
 from .loading import LayerwiseModel
 
@@ -117,10 +117,15 @@ def checkpoint_sparsity(lm: LayerwiseModel, weights: TensorReader) -> dict:
 
 def write_model_folder(lm: LayerwiseModel, weights_file: Path, out: Path, card: str) -> None:
     """A loadable Hugging Face folder: the base checkpoint with every decoder linear replaced by the ones in
-    `weights_file` (one tensor in memory at a time, in the base's dtype and shards), the base's config and
-    tokenizer files, checksums (written with each shard) and the model card."""
+    `weights_file` (one tensor in memory at a time, in the base's dtype and shards), the base's config,
+    tokenizer and license files, checksums (written with each shard) and the model card. Dense with exact
+    zeros: as large as the base (docs/serving.md)."""
+    from ..report.modelcard import license_files
+
     lm.save_pretrained(out, TensorReader(weights_file, device="cpu"))
     lm.copy_tokenizer(out)
+    for f in license_files(lm.folder):
+        copy_file(f, Path(out) / f.name)
     write_text(out / "README.md", card)
 
 

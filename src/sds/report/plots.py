@@ -27,9 +27,6 @@ STAGE_MARKERS = {"prune1": "v", "prune1+adjust": "s", "reconstruct": "D", "sds":
 # stages (or further recon settings) the palette above does not name, in order of appearance
 EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#1f77b4"]
 EXTRA_MARKERS = ["^", "P", "X", "*", "h", "<", ">"]
-# the order of the pipeline's stages in the seconds chart (benchmark folder names); others follow by name
-PIPELINE_ORDER = ["corpus", "build_model", "calibration", "activations", "prune1", "prune1_adjust", "reconstruct",
-                  "reconstruct_layer", "reconstruct_gather", "prune2", "zeroshot_tasks", "evaluate", "report"]
 
 BAR_IN = 0.22  # height of one bar, inches
 GROUP_GAP_IN = 0.25  # space between two (method, pattern) groups, inches
@@ -131,29 +128,51 @@ def _text_px(fig: Figure, text: str, size: float) -> float:
     return fig.canvas.get_renderer().get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0]
 
 
-def _label_room(fig: Figure, panels: list[Panel], fmt, axes_px: float) -> list[tuple[float, float]]:
+def _label_room(fig: Figure, panels: list[Panel], fmt, axes_px: float, scale=None) -> list[tuple[float, float]]:
     """Per panel, the x limits that keep every bar's value label (beside its bar or error bar) inside the
-    axes: a label of L px at the end of a bar needs L/axes_px of the axes width beyond the bar's end."""
+    axes: a label of L px at the end of a bar needs L/axes_px of the axes width beyond the bar's end.
+    `scale`: a matplotlib transform of x (a symmetric log axis); the room is found where the axes are linear."""
+    fwd = scale.transform if scale is not None else (lambda v: v)
+    back = scale.inverted().transform if scale is not None else (lambda v: v)
     pad = 2 * fig.dpi / 72 + 4  # bar_label's padding (2 pt) and a little air
     limits = []
     for panel in panels:
         cells = [c for c in panel.cells.values() if math.isfinite(c.value)]
         ends_hi = [c.value + (c.err or 0) for c in cells if c.value >= 0]
         ends_lo = [c.value - (c.err or 0) for c in cells if c.value < 0]
-        right = max([0.0, *ends_hi, *(panel.band[1:] if panel.band else [])])
-        left = min([0.0, *ends_lo, *(panel.band[:1] if panel.band else [])])
+        right = float(fwd(max([0.0, *ends_hi, *(panel.band[1:] if panel.band else [])])))
+        left = float(fwd(min([0.0, *ends_lo, *(panel.band[:1] if panel.band else [])])))
         r = max([(_text_px(fig, c.text or fmt(c.value), 7) + pad) / axes_px for c in cells if c.value >= 0], default=0)
         lo = max([(_text_px(fig, c.text or fmt(c.value), 7) + pad) / axes_px for c in cells if c.value < 0], default=0)
         r, lo = r + 0.02, lo + (0.02 if ends_lo else 0)
         span = (right - left) or 1.0
         total = span / max(1 - r - lo, 0.2)
-        limits.append((left - lo * total, right + r * total))
+        limits.append((float(back(left - lo * total)), float(back(right + r * total))))
     return limits
 
 
+def wide_range(values: list[float], ratio: float = 20.0) -> float | None:
+    """The linear threshold of a symmetric log axis for bars whose largest |value| exceeds `ratio` times
+    their median |value| (one wide bar would squeeze the rest to slivers): the decade at or below the
+    median (at least 0.1); None where a linear axis shows them all."""
+    sizes = sorted(abs(v) for v in values if math.isfinite(v))
+    if not sizes:
+        return None
+    median = sizes[len(sizes) // 2]
+    if sizes[-1] <= ratio * max(median, 0.1):
+        return None
+    return 10.0 ** math.floor(math.log10(max(median, 0.1)))
+
+
+def percent_text(value: float) -> str:
+    """A change in %, as the figures' bar labels and the report's tables write it."""
+    return f"{value:+.2f}%" if abs(value) < 1 else f"{value:+.1f}%"
+
+
 def grouped_bars_figure(groups: list[tuple[str, str]], series: list[Series], panels: list[Panel], *,
-                        title: str, xlabel: str, fmt, width_in: float = 8.0) -> Figure:
+                        title: str, xlabel: str, fmt, width_in: float = 8.0, symlog: float | None = None) -> Figure:
     """Horizontal grouped bars, one group per (method, pattern), one bar per series, one axes per panel.
+    `symlog`: the x axis linear within ±symlog and logarithmic beyond (see wide_range).
     Group labels are horizontal and every group gets len(series) × BAR_IN + GROUP_GAP_IN inches, more
     than a label's height, so labels cannot overlap however many groups there are; the figure is made
     wide enough, and the x limits wide enough, for every value label to sit inside its axes."""
@@ -168,13 +187,22 @@ def grouped_bars_figure(groups: list[tuple[str, str]], series: list[Series], pan
     width_in = max(width_in, (labels_px + 3 * value_px) / fig.dpi + 0.8)  # bars get at least a third
     fig.set_size_inches(width_in, height)
     axes_px = width_in * fig.dpi - labels_px - 0.8 * fig.dpi
-    limits = _label_room(fig, panels, fmt, axes_px)
+    scale = None
+    if symlog is not None:
+        from matplotlib.scale import SymmetricalLogTransform
+
+        scale = SymmetricalLogTransform(10, symlog, 1.0)
+    limits = _label_room(fig, panels, fmt, axes_px, scale)
     gs = fig.add_gridspec(len(panels), 1, height_ratios=axes_in)
     pitch = 1.0 / (n + GROUP_GAP_IN / BAR_IN)  # one bar in y units (one group = 1)
     handles = {}
     for row, panel in enumerate(panels):
         ax = fig.add_subplot(gs[row, 0])
         ax.set_autoscale_on(False)
+        if symlog is not None:
+            ax.set_xscale("symlog", base=10, linthresh=symlog, linscale=1.0)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1 else f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlim(*limits[row])
         ax.set_ylim(len(groups) - 0.5, -0.5)
         for j, s in enumerate(series):
@@ -332,60 +360,4 @@ def layer_errors_figure(records: list[LayerErrors], *, panel_in: tuple[float, fl
     # the title heads the legend: constrained layout would stack a suptitle onto an outside legend
     fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=min(len(handles), 4),
                fontsize=FONT, frameon=False, title=title, title_fontsize=FONT + 2, markerscale=1.6)
-    return fig
-
-
-# --- seconds per stage ---------------------------------------------------------------------------------------
-
-
-def seconds_figure(seconds: dict[str, float]) -> Figure | None:
-    """One horizontal bar per pipeline stage: its jobs' benchmark wall seconds summed (stage-seconds,
-    so jobs that ran side by side count in full)."""
-    if not seconds:
-        return None
-    per_stage: dict[str, list[float]] = {}
-    for key, s in seconds.items():
-        per_stage.setdefault(key.split("/", 1)[0], []).append(s)
-    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
-    stages = sorted(per_stage, key=lambda s: (rank.get(s, len(rank)), s))
-    totals = [sum(per_stage[s]) for s in stages]
-    fig = new_figure(6.5, 0.3 * len(stages) + 1.2)
-    ax = fig.add_subplot()
-    bars = ax.barh(range(len(stages)), totals, height=0.7, color="#4c72b0")
-    for patch, stage in zip(bars.patches, stages):
-        patch.set_gid(stage)
-    ax.bar_label(bars, labels=[f"{t:.1f} s" + (f" · {len(per_stage[s])} jobs" if len(per_stage[s]) > 1 else "")
-                               for s, t in zip(stages, totals)], padding=3, fontsize=7)
-    ax.set_yticks(range(len(stages)), stages, fontsize=FONT)
-    ax.set_ylim(len(stages) - 0.5, -0.5)
-    ax.margins(x=0.25)
-    ax.set_xlim(left=0)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.grid(axis="x", color="#e5e5e5", lw=0.6)
-    ax.set_axisbelow(True)
-    ax.set_xlabel("seconds (Snakemake benchmark wall time, summed over the stage's jobs)", fontsize=FONT)
-    ax.set_title(f"Seconds per stage (total {sum(totals):.1f} stage-seconds)", fontsize=FONT + 2)
-    return fig
-
-
-# --- weight histograms ---------------------------------------------------------------------------------------
-
-
-def histogram_figure(series: list[tuple[str, object]], weight_name: str) -> Figure:
-    """Step histograms of log10 |w| over the non-zero weights, one per (stage name, numpy values)."""
-    import numpy as np
-
-    fig = new_figure(7, 4)
-    ax = fig.add_subplot()
-    finite = [v for _, v in series if len(v)]
-    # one set of bin edges for every stage, so the counts compare bar for bar
-    edges = np.linspace(min(float(v.min()) for v in finite), max(float(v.max()) for v in finite), 81) \
-        if finite else 80
-    for name, log_values in series:
-        ax.hist(log_values, bins=edges, histtype="step", label=name)
-    ax.set_xlabel(f"log10 |w|  ({weight_name})", fontsize=FONT)
-    ax.set_ylabel("count (non-zero weights)", fontsize=FONT)
-    ax.tick_params(labelsize=8)
-    ax.legend(fontsize=FONT)
-    ax.set_title("Weight magnitudes by stage", fontsize=FONT + 2)
     return fig

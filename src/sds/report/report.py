@@ -16,7 +16,9 @@ from ..storage.documents import write_text
 from .figures import figures
 from .inputs import (benchmark_seconds, checkpoint_of, layer_errors, model_weights_bytes, output_bytes, read_evals,
                      stage_outputs)
-from .plots import STAGE_ORDER, LayerErrors, make_series, save_png
+from .plots import STAGE_ORDER, LayerErrors, make_series, percent_text, save_png
+from .stage_plots import job_order
+from .webpage import report_html
 
 SUMMARY_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "dataset", "ppl", "sparsity"]
 
@@ -85,40 +87,32 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
         return [f"![{Path(name).stem}]({name})", "", plot.caption, ""]
 
     dense = {ds: next((r["ppl"][ds] for r in results if r["stage"] == "dense"), None) for ds in datasets}
+    zs = config["evaluate"]["zeroshot"]
+    tasks = [zs["tasks"]] if isinstance(zs["tasks"], str) else zs["tasks"]
     lines = [f"# SDS report: run `{config['run']}`", "", f"Model: `{model}`. Perplexity protocol: "
              f"non-overlapping windows of {config['evaluate']['seqlen']} tokens, mean NLL → exp. "
              f"Calibration: {config['calibration']['nsamples']} × {config['calibration']['seqlen']} tokens "
-             f"from `{config['calibration']['source']}`.", ""]
+             f"from `{config['calibration']['source']}`.", "",
+             "zero-shot: " + (f"on ({', '.join(f'`{t}`' for t in tasks)})" if zs["enabled"] else
+                              "off (`evaluate.zeroshot.enabled: false`): no zero-shot accuracy was measured"), "",
+             "In MLflow's artifact view open `report.html`: the same report with its figures inlined (MLflow's "
+             "Markdown preview shows no image that report.md links by a relative path).", ""]
     lines += figure_lines("ppl.png")
     for ds in datasets:
-        lines += [f"## Perplexity on `{ds}` (dense {dense[ds]:.3f})" if dense[ds] else f"## Perplexity on `{ds}`", "",
-                  "| method | pattern | one-shot | one-shot + adjust | SDS | recon | SDS − one-shot | sparsity (SDS) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        keys = sorted({(r["method"], r["pattern"]) for r in results if r["method"]})
-        for method, pattern in keys:
-            group = [r for r in results if (r["method"], r["pattern"]) == (method, pattern)]
-            first = next((r for r in group if r["stage"] == "prune1"), None)
-            adj = next((r for r in group if r["stage"] == "prune1+adjust"), None)
-            for sds in [r for r in group if r["stage"] == "sds"] or [None]:
-                f = lambda r: f"{r['ppl'][ds]:.3f}" if r else "–"
-                delta = f"{sds['ppl'][ds] - first['ppl'][ds]:+.3f}" if sds and first else "–"
-                lines.append(f"| {method} | {pattern} | {f(first)} | {f(adj)} | {f(sds)} | "
-                             f"{sds['recon'] if sds else '–'} | {delta} | {sds['sparsity']:.4f} |" if sds else
-                             f"| {method} | {pattern} | {f(first)} | {f(adj)} | – | – | – | – |")
-        lines.append("")
+        lines += _perplexity_section(results, ds, dense[ds])
     lines += _layer_error_section(errors)
     lines += figure_lines("layer_errors.png")
     zs_rows = _zeroshot_rows(config, model, results)
     with atomic_path(out / "zeroshot.csv") as tmp:
         tmp.write_text(_csv_text(zs_rows, ZEROSHOT_COLUMNS))
     _merge_summary(summary_csv.with_name(Path(ZEROSHOT_SUMMARY_CSV).name), config["run"], zs_rows, ZEROSHOT_COLUMNS)
-    lines += _zeroshot_section(results)
+    lines += _zeroshot_section(results) if zs["enabled"] else []
     lines += figure_lines("zeroshot.png")
     lines += ["## Seconds per stage (Snakemake benchmark wall time) and bytes on disk", "",
               "Bytes: the sizes of the files of each job's output (folder, or file with its checksums) as they "
               "are now.", "",
               "| stage | job | seconds | bytes on disk |", "|---|---|---|---|"]
-    for key in sorted(seconds):
+    for key in job_order(seconds):  # the order the pipeline runs them
         stage, job = key.split("/", 1)
         lines.append(f"| {stage} | {job} | {seconds[key]:.1f} | {_bytes_cell(sizes.get(key))} |")
     total = sum(seconds.values())
@@ -129,11 +123,40 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     lines += figure_lines("seconds.png")
     lines += ["Per-stage sparsity and pattern checks: see `table.csv` and the `evaluate` JSON files.", ""]
     lines += figure_lines("histograms.png")
-    write_text(out / "report.md", "\n".join(lines).rstrip("\n") + "\n")
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    write_text(out / "report.md", text)
+    write_text(out / "report.html", report_html(text, out, f"SDS report: run {config['run']}"))
     write_text(out / "seconds.json", json.dumps(seconds, indent=2, sort_keys=True) + "\n")
     write_text(out / "bytes.json", json.dumps({"stages": sizes, "model_weights": weights}, indent=2, sort_keys=True)
                + "\n")
-    return [str(out / "report.md"), str(table_csv), str(out / "zeroshot.csv"), *saved]
+    return [str(out / "report.md"), str(out / "report.html"), str(table_csv), str(out / "zeroshot.csv"), *saved]
+
+
+def _perplexity_section(results: list[dict], ds: str, dense: float | None) -> list[str]:
+    """One row per (method, pattern, SDS setting): the increase over the dense perplexity in % (ppl.png's
+    unit and its bar labels' text), SDS − one-shot in points of that %, then the absolute perplexities."""
+    def pct(r):
+        return percent_text(100 * (r["ppl"][ds] / dense - 1)) if r and dense else "–"
+
+    def ppl(r):
+        return f"{r['ppl'][ds]:.3f}" if r else "–"
+
+    unit = "increase over the dense perplexity, %" if dense else "no dense evaluation: no increase in %"
+    lines = [f"## Perplexity on `{ds}` (dense {dense:.3f})" if dense else f"## Perplexity on `{ds}`", "",
+             f"One-shot, one-shot + adjust, SDS: {unit} (as in ppl.png); SDS − one-shot: the difference of "
+             "those, in points; then the absolute perplexities.", "",
+             "| method | pattern | recon | one-shot | one-shot + adjust | SDS | SDS − one-shot, points | PPL one-shot | "
+             "PPL one-shot + adjust | PPL SDS | sparsity (SDS) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, pattern in sorted({(r["method"], r["pattern"]) for r in results if r["method"]}):
+        group = [r for r in results if (r["method"], r["pattern"]) == (method, pattern)]
+        first = next((r for r in group if r["stage"] == "prune1"), None)
+        adj = next((r for r in group if r["stage"] == "prune1+adjust"), None)
+        for sds in [r for r in group if r["stage"] == "sds"] or [None]:
+            delta = f"{100 * (sds['ppl'][ds] - first['ppl'][ds]) / dense:+.2f}" if sds and first and dense else "–"
+            sparsity = f"{sds['sparsity']:.4f}" if sds else "–"
+            lines.append(f"| {method} | {pattern} | {sds['recon'] if sds else '–'} | {pct(first)} | {pct(adj)} | "
+                         f"{pct(sds)} | {delta} | {ppl(first)} | {ppl(adj)} | {ppl(sds)} | {sparsity} |")
+    return lines + [""]
 
 
 def _human(n: float) -> str:

@@ -189,7 +189,8 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
         summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
         write_model_folder(stage.lm, tmp / WEIGHTS, tmp / MODEL,
-                           model_card(config, "sds", method, pat, checkpoint.sparsity(), summary))
+                           model_card(config, "sds", method, pat, checkpoint.sparsity(), summary,
+                                      stage.lm.folder))
     log.info("prune2 %s %s done in %.1fs; %d/%d linears kept their first-prune weights", method, pat,
              time.monotonic() - start, fallbacks, len(infos))
     track_stage(config, f"prune2/{method}/{pattern}/{recon}", started=started,

@@ -42,7 +42,8 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
             shutil.copyfile(Path(checkpoint) / name, tmp / name)
         checksum_folder(tmp)
         write_model_folder(lm, Path(checkpoint) / WEIGHTS, tmp / MODEL,
-                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary))
+                           model_card(config, stage, method, pattern_from_slug(pattern), sparsity, summary,
+                                      lm.folder))
     log.info("exported %s %s %s to %s", stage, method, pattern, out)
     # its perplexity, if this checkpoint's evaluation ran
     evaluation = Path(RunLayout(config["run"]).evaluation(method, pattern, stage))
