@@ -84,7 +84,7 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     from ..model.loading import load_tokenizer, whole_model
     from ..storage.atomic import scratch_dir
     from ..storage.safetensors import TensorReader
-    from ..tracking.entries import evaluated_model_entry, headline_metrics, text_input
+    from ..tracking.entries import evaluated_model_entry, headline_metrics, shown, text_input
 
     started = time.time()
     zs = config["evaluate"]["zeroshot"]
@@ -120,13 +120,15 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     if "zeroshot" in result:
         from ..evaluation.zeroshot import flat_metrics
 
-        zs_metrics = flat_metrics(result["zeroshot"])
+        zs_metrics = {k: shown(v) for k, v in flat_metrics(result["zeroshot"]).items()}
     headline = headline_metrics(result)
     sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
+    ev = config["evaluate"]
+    inputs = [text_input(*t.pop("args"), seqlen=ev["seqlen"], max_windows=ev["max_windows"], **t) for t in texts]
     track_stage(config, f"evaluate/{label}", started=started, params={"label": label},
-                metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
-                    "seconds": result["seconds"], **zs_metrics},
-                parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
+                metrics={**{f"ppl.{k}": shown(v) for k, v in result["ppl"].items()}, "sparsity": shown(result["sparsity"]),
+                         **zs_metrics},
+                parent_metrics=headline, inputs=inputs, model=sds_model,
                 tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
 
 
