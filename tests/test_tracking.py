@@ -234,3 +234,25 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     loaded = AutoModelForCausalLM.from_pretrained(local)
     for (key, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("store_at_close", ["unreachable", "reachable"])
+def test_pipeline_end_kept_offline_is_replayed_after_its_stages(in_tmp, monkeypatch, store_at_close):
+    """The pipeline's end, recorded while the store is unreachable, or while its stages' records are still
+    pending (no pipeline run exists yet), is kept and replayed by sync after them."""
+    from sds.tracking.stage_runs import close_pipeline, record_stage, sync_pending
+
+    cfg = _config()
+    t0 = time.time() - 600
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert record_stage(cfg, config_hash(cfg), "prune1/m/2of4", params={}, metrics={}, started=t0, ended=t0 + 9) is False
+    store = f"sqlite:///{in_tmp / 'store.db'}"
+    if store_at_close == "reachable":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert close_pipeline(cfg, "FAILED") == ""
+    assert len(list((in_tmp / "results" / "t" / "mlflow_pending").glob("*.json"))) == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync_pending("t") == (2, 0)
+    _, runs = _runs(store)
+    (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
+    assert parent.info.status == "FAILED"

@@ -140,8 +140,11 @@ STAGE = f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} {shlex.quot
 # too, after every job), never in a job; they never fail the workflow (src/sds/tracking/pipeline.py).
 def _close_pipeline_run(status):
     if not _JOB and RESOLVED["mlflow"]["enabled"] and os.path.exists(CONFIG_JSON):
-        shell(f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} {shlex.quote(PY)} -m sds.tracking.pipeline "
-              f"{status} --config {shlex.quote(CONFIG_JSON)} || true")
+        import subprocess
+
+        path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+        subprocess.run([PY, "-m", "sds.tracking.pipeline", status, "--config", CONFIG_JSON],
+                       env={**os.environ, "PYTHONPATH": path}, check=False)
 
 
 onsuccess:

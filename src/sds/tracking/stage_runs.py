@@ -142,13 +142,17 @@ def close_pipeline(config: dict, status: str) -> str:
     now = int(time.time() * 1000)
     record = {"run": config["run"], "experiment": config["mlflow"]["experiment"], "config_hash": config_hash(config),
               "stage": "", "close": status, "start_ms": now, "end_ms": now}
+    pending = Path(RunLayout(config["run"]).pending)
     try:
         with _store_lock():
-            return _log_record(record)
+            done = _log_record(record)
     except Exception as exc:  # as for a stage: kept for sync, after the stages' records
-        pending = Path(RunLayout(config["run"]).pending)
+        done, reason = "", f"MLflow store {tracking_uri()} unreachable ({str(exc)[:300]})"
+    else:
+        reason = "stage records of this run are still pending"
+    if not done and (reason.startswith("MLflow") or any(pending.glob("*.json"))):
+        # replayed by sync after the stage records kept meanwhile (which create the run)
         pending.mkdir(parents=True, exist_ok=True)
         write_json(pending / f"pipeline-{status.lower()}-{time.time_ns()}.json", record)
-        log.warning("MLflow store %s unreachable (%s); the pipeline's end is kept in %s for `python -m sds.cli sync`",
-                    tracking_uri(), str(exc)[:300], pending)
-        return ""
+        log.warning("%s; the pipeline's end is kept in %s for `python -m sds.cli sync`", reason, pending)
+    return done
