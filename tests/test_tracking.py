@@ -115,6 +115,8 @@ def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkey
     (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
     assert (parent.info.status, parent.info.start_time) == ("RUNNING", int(t0 * 1000))
     assert parent.data.metrics["ppl.wiki.m.2of4.default.sds"] == 20.0
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "ppl.wiki.m.2of4.default.sds"
     assert close_pipeline(cfg, "FINISHED") == "FINISHED"
     assert client.get_run(parent.info.run_id).info.end_time == int((t0 + 160) * 1000), "ends with its last stage"
 

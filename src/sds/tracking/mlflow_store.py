@@ -36,6 +36,8 @@ log = logging.getLogger("sds.tracking")
 
 # MLflow 3 picks an experiment's default view from this tag ("genai_development" opens on traces)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow's UI draws this metric first in the chart view of an experiment's runs
+PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -251,6 +253,15 @@ def _process_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+def _primary_metric(client, exp_id: str, keys: list[str]) -> None:
+    """The one default the UI takes from the store for what to plot: the experiment's primary metric
+    (the chart view's first chart); the first SDS perplexity logged, if none is set. The runs table's
+    columns have no such setting in MLflow 3.17 (they are the browser's choice)."""
+    sds = [k for k in keys if k.startswith("ppl.") and k.endswith(".sds")]
+    if sds and PRIMARY_METRIC not in client.get_experiment(exp_id).tags:
+        client.set_experiment_tag(exp_id, PRIMARY_METRIC, sds[0])
+
+
 def _log_record(record: dict) -> str:
     """Logs one record: a stage (returns its child run id, '' if a newer run of the stage is already
     logged) or the pipeline's end (`close`: FINISHED or FAILED; returns the status set)."""
@@ -293,6 +304,7 @@ def _log_record(record: dict) -> str:
     headline = [Metric(k[:250], float(v), end, 0) for k, v in sorted(record.get("parent_metrics", {}).items())]
     for i in range(0, len(headline), 1000):
         client.log_batch(parent_id, metrics=headline[i:i + 1000])
+    _primary_metric(client, exp_id, [m.key for m in headline])
     if record.get("model"):
         _log_model(client, exp_id, record, child, parent_id)
     client.set_terminated(child, end_time=end)
