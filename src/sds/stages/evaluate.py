@@ -30,7 +30,7 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     of the report can be shipped."""
     import shutil
 
-    from ..tracking.entries import model_entry, registered_name
+    from ..tracking.entries import model_entry, registered_name, shown
 
     started = time.time()
     lm = layerwise_model(config, model_dir, "cpu")
@@ -49,11 +49,11 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     ppl = {}
     if evaluation.is_file():
         try:
-            ppl = {f"ppl.{k}": v for k, v in read_json(evaluation, verify=True)["ppl"].items()}
+            ppl = {f"ppl.{k}": shown(v) for k, v in read_json(evaluation, verify=True)["ppl"].items()}
         except CorruptFileError as exc:  # only a tag of the registered model: the export itself stands
             log.warning("the registered model carries no perplexity: %s", exc)
     tags = {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
-            "sparsity": sparsity["overall"], **ppl}
+            "sparsity": shown(sparsity["overall"]), **ppl}
     track_stage(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
                 tags={"sds_method": method, "sds_pattern": pattern},
                 model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL, tags))

@@ -131,9 +131,10 @@ def evaluated_model_entry(run: str, result: dict, model_dir: str | Path) -> dict
     the evaluation's numbers added to its tags."""
     method, pattern, recon = result["method"], result["pattern"], result["recon"]
     slug = place_of(Path(model_dir).parent).pattern  # <method>/<pattern slug>/<recon>/sds/model
+    acc = (result.get("zeroshot") or {}).get("mean", {}).get("acc")
     tags = {"method": method, "pattern": pattern, "recon": recon, "stage": result["stage"],
-            "sparsity": result["sparsity"], **{f"ppl.{k}": v for k, v in result["ppl"].items()},
-            "zeroshot_acc": (result.get("zeroshot") or {}).get("mean", {}).get("acc")}
+            "sparsity": shown(result["sparsity"]), **{f"ppl.{k}": shown(v) for k, v in result["ppl"].items()},
+            "zeroshot_acc": None if acc is None else shown(acc)}
     entry = model_entry(registered_name(run, method, slug, recon), model_dir,
                         {k: v for k, v in tags.items() if v is not None})
     return {**entry, "producer": f"prune2/{method}/{slug}/{recon}"}
