@@ -6,8 +6,10 @@
 
 With --store, a temporary `mlflow server` on 127.0.0.1 serves that SQLite store while the pictures are taken.
 Pictures: the runs table (one row per pipeline config), its chart view (each headline metric as bars, one
-per config), the per-layer error series of the newest pipeline's SDS second prune, and the registered SDS
-model's versions.
+per config), the per-layer error series of the newest pipeline's SDS second prune, the registered SDS
+model's versions, the newest pipeline run's page (status, duration, datasets: mlflow-run.png) and the compare
+view of every config's SDS second prune (mlflow-compare-stages.png). `--only` takes some of them, `--prefix`
+renames them (e.g. `--only mlflow-runs.png mlflow-run.png --prefix running-` while a pipeline runs).
 """
 from __future__ import annotations
 
@@ -42,8 +44,14 @@ def pages(uri: str, experiment: str) -> dict[str, str]:
         config_hash = parents[0].data.tags["sds_config_hash"]
         prune2 = client.search_runs([exp.experiment_id], f"tags.sds_config_hash = '{config_hash}' and "
                                                          "tags.sds_kind = 'prune2'", max_results=1)
+        out["mlflow-run.png"] = f"{base}/runs/{parents[0].info.run_id}?{VIEW}"
         if prune2:
             out["mlflow-layers.png"] = f"{base}/runs/{prune2[0].info.run_id}/model-metrics?{VIEW}"
+        stages = client.search_runs([exp.experiment_id], "tags.sds_kind = 'prune2'", max_results=10)
+        if len(stages) > 1:
+            ids = ",".join(f'"{r.info.run_id}"' for r in stages)
+            out["mlflow-compare-stages.png"] = (f"{uri}/#/compare-runs?runs=[{ids}]&experiments=[\"{exp.experiment_id}\"]"
+                                                f"&{VIEW}")
         models = client.search_registered_models(f"name LIKE 'sds-{parents[0].data.tags['sds_run']}-%'", max_results=1)
         if models:
             out["mlflow-registry.png"] = f"{uri}/#/models/{models[0].name}?{VIEW}"
@@ -78,21 +86,27 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="1600,900", help="window width,height in pixels")
     ap.add_argument("--wait-ms", type=int, nargs="+", default=[20000, 30000, 45000, 60000],
                     help="virtual times the page gets to render; the fullest shot is kept")
+    ap.add_argument("--only", nargs="+", help="take only these pictures (file names)")
+    ap.add_argument("--prefix", default="", help="put before each file name")
     args = ap.parse_args(argv)
+
+    def take(uri: str) -> None:
+        for name, url in pages(uri, args.experiment).items():
+            if not args.only or name in args.only:
+                shoot(args.chromium, url, args.out / f"{args.prefix}{name}", args.size, args.wait_ms)
+
     if not shutil.which(args.chromium):
         raise SystemExit("chromium not found: apt-get install -y chromium (or pass --chromium PATH)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tracking_uri:
-        for name, url in pages(args.tracking_uri.rstrip("/"), args.experiment).items():
-            shoot(args.chromium, url, args.out / name, args.size, args.wait_ms)
+        take(args.tracking_uri.rstrip("/"))
         return 0
     from sds.tracking.server import free_port, start, stop
 
     with tempfile.TemporaryDirectory() as state:
         uri, _ = start(free_port(), state=Path(state), store=args.store)
         try:
-            for name, url in pages(uri, args.experiment).items():
-                shoot(args.chromium, url, args.out / name, args.size, args.wait_ms)
+            take(uri)
         finally:
             stop(Path(state))
     return 0

@@ -72,7 +72,7 @@ def test_unreachable_server_keeps_results_and_sync_replays_them(in_tmp, monkeypa
 
 
 def _stage_runs(client, runs):
-    return {r.info.run_name: r for r in runs if r.data.tags.get("sds_role") == "stage"}
+    return {r.data.tags["sds_stage"]: r for r in runs if r.data.tags.get("sds_role") == "stage"}
 
 
 def test_experiment_is_a_model_training_one(in_tmp):
@@ -94,7 +94,7 @@ def test_experiment_is_a_model_training_one(in_tmp):
 def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkeypatch):
     """Records kept offline keep their stages' start and end; sync replays them oldest first, so the
     pipeline's run starts with its first stage and ends with its last."""
-    from sds.tracking.stage_runs import record_stage, sync_pending
+    from sds.tracking.stage_runs import close_pipeline, record_stage, sync_pending
 
     cfg = _config()
     h = config_hash(cfg)
@@ -113,8 +113,12 @@ def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkey
     assert (children["prune2/m/2of4/default"].info.start_time, children["prune2/m/2of4/default"].info.end_time) == \
         (int((t0 + 100) * 1000), int((t0 + 160) * 1000))
     (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
-    assert (parent.info.start_time, parent.info.end_time) == (int(t0 * 1000), int((t0 + 160) * 1000))
+    assert (parent.info.status, parent.info.start_time) == ("RUNNING", int(t0 * 1000))
     assert parent.data.metrics["ppl.wiki.m.2of4.default.sds"] == 20.0
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "ppl.wiki.m.2of4.default.sds"
+    assert close_pipeline(cfg, "FINISHED") == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.end_time == int((t0 + 160) * 1000), "ends with its last stage"
 
     # the stage run again under the same config replaces its earlier run (soft-deleted, restorable) ...
     assert record_stage(cfg, h, "prune1/m/2of4", params={}, metrics={"m": 2.0}, started=t0 + 200, ended=t0 + 210)
@@ -126,15 +130,18 @@ def test_runs_keep_stage_times_through_sync_and_parent_spans_them(in_tmp, monkey
     from mlflow.entities import ViewType
 
     exp = client.get_experiment_by_name("sds")
-    active = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "prune1/m/2of4"]
+    active = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("sds_stage") == "prune1/m/2of4"]
     deleted = [r for r in client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY)]
     assert [r.data.metrics["m"] for r in active] == [2.0]
     assert [r.info.start_time for r in deleted] == [int(t0 * 1000)]
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING", "a later stage re-opens the pipeline"
+    assert close_pipeline(cfg, "FINISHED") == "FINISHED"
     assert client.get_run(parent.info.run_id).info.end_time == int((t0 + 210) * 1000)
 
 
 def test_layer_metrics_are_series_over_decoder_layers():
-    """OPT and LLaMA weight names alike: one key per quantity, stage and linear kind; step = decoder layer."""
+    """OPT and LLaMA weight names alike: one `by_layer/` series per quantity, stage and linear kind (step =
+    decoder layer), and its mean and max over the layers, and over every linear, as single numbers."""
     import torch
 
     from conftest import tiny_llama, tiny_opt
@@ -148,19 +155,28 @@ def test_layer_metrics_are_series_over_decoder_layers():
         infos = {n: {"rel_error": 0.01 * i, "rel_error_before": 0.02 * i, "fallback": True}
                  for i, n in enumerate(names)}
         metrics = layer_metrics(infos, "prune2")
-        assert {k for k, _, _ in metrics} == {f"{q}.prune2.{kind}" for q in ("rel_error", "rel_error_before")
-                                              for kind in kinds}
-        for key in {k for k, _, _ in metrics}:
-            assert sorted(step for k, _, step in metrics if k == key) == [0, 1, 2]
+        series = [(k, v, step) for k, v, step in metrics if k.startswith("by_layer/")]
+        summary = {k: v for k, v, step in metrics if not k.startswith("by_layer/")}
+        assert {k for k, _, _ in series} == {f"by_layer/{q}.prune2.{kind}" for q in ("rel_error", "rel_error_before")
+                                             for kind in kinds}
+        for key in {k for k, _, _ in series}:
+            assert sorted(step for k, _, step in series if k == key) == [0, 1, 2]
         for i, name in enumerate(names):
             layer, kind = name.split(".layers.")[1].removesuffix(".weight").split(".", 1)
-            assert (f"rel_error.prune2.{kind}", 0.01 * i, int(layer)) in metrics
+            assert (f"by_layer/rel_error.prune2.{kind}", 0.01 * i, int(layer)) in series
+        for kind in kinds:
+            values = [0.01 * i for i, n in enumerate(names) if n.endswith(f".{kind}.weight")]
+            assert summary[f"rel_error.prune2.{kind}.max"] == round(max(values), 4)
+            assert summary[f"rel_error.prune2.{kind}.mean"] == round(sum(values) / 3, 4)
+        assert summary["rel_error.prune2.max"] == round(0.01 * (len(names) - 1), 4)
+        assert summary["rel_error_before.prune2.mean"] == round(0.02 * (len(names) - 1) / 2, 4)
 
 
 @pytest.mark.parametrize("copy_limit_mb, stored", [("0", "referenced"), ("256", "copied")])
 def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, copy_limit_mb, stored):
-    """A checkpoint folder becomes a logged model (card, config, tokenizer always) of the pipeline's run,
-    registered with its tags, output of the stage that wrote it and input of the one that logged it.
+    """A checkpoint folder becomes a logged model (card, config, tokenizer always) of the stage that wrote it
+    (prune2), an output of that run and the pipeline's; its evaluation registers it with its tags (source
+    run: prune2's) and has it as an input.
     Weights above the copy limit stay where they are: the model holds weights.json pointing at the folder,
     which loads; below it they are copied, and MLflow's copy loads."""
     from urllib.parse import urlparse
@@ -170,7 +186,7 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_opt
-    from sds.tracking.entries import model_entry, registered_name
+    from sds.tracking.entries import model_entry, registered_name, sds_model_entry
     from sds.tracking.stage_runs import record_stage
 
     folder = in_tmp / "results" / "t" / "sds" / "model"
@@ -180,10 +196,11 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     monkeypatch.setenv("SDS_MLFLOW_COPY_WEIGHTS_MB", copy_limit_mb)
     cfg = _config()
     h = config_hash(cfg)
-    assert record_stage(cfg, h, "prune2/sparsegpt/2of4/default", params={}, metrics={})
+    written = sds_model_entry("t", "sparsegpt", "2of4", "default", "2:4", folder)
+    assert record_stage(cfg, h, "prune2/sparsegpt/2of4/default", params={}, metrics={}, model=written)
     name = registered_name("t", "sparsegpt", "2of4", "default")
-    entry = model_entry(name, folder, {"method": "sparsegpt", "pattern": "2:4", "ppl.wiki": 12.5},
-                        producer="prune2/sparsegpt/2of4/default")
+    entry = {**model_entry(name, folder, {"method": "sparsegpt", "pattern": "2:4", "ppl.wiki": 12.5}),
+             "producer": "prune2/sparsegpt/2of4/default"}
     assert record_stage(cfg, h, "evaluate/sparsegpt/2of4/default/sds", params={}, metrics={}, model=entry)
 
     uri = f"sqlite:///{in_tmp / 'results' / 'mlflow.db'}"
@@ -197,7 +214,10 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     (model_id,) = [m.model_id for m in producer.outputs.model_outputs]
     assert version.source == f"models:/{model_id}"
     (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
-    assert version.run_id == client.get_logged_model(model_id).source_run_id == parent.info.run_id
+    # the version's source run is the stage that wrote the checkpoint; the pipeline lists it as an output
+    assert version.run_id == client.get_logged_model(model_id).source_run_id == producer.info.run_id
+    assert [m.model_id for m in parent.outputs.model_outputs] == [model_id]
+    assert len(client.search_logged_models([parent.info.experiment_id])) == 1, "the evaluation reuses prune2's"
     evaluation = client.get_run(children["evaluate/sparsegpt/2of4/default/sds"].info.run_id)
     assert [m.model_id for m in evaluation.inputs.model_inputs] == [model_id]
     files = {f.path for f in client.list_logged_model_artifacts(model_id)}
@@ -216,3 +236,25 @@ def test_checkpoint_is_a_registered_model_with_its_card(in_tmp, monkeypatch, cop
     loaded = AutoModelForCausalLM.from_pretrained(local)
     for (key, a), (_, b) in zip(loaded.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("store_at_close", ["unreachable", "reachable"])
+def test_pipeline_end_kept_offline_is_replayed_after_its_stages(in_tmp, monkeypatch, store_at_close):
+    """The pipeline's end, recorded while the store is unreachable, or while its stages' records are still
+    pending (no pipeline run exists yet), is kept and replayed by sync after them."""
+    from sds.tracking.stage_runs import close_pipeline, record_stage, sync_pending
+
+    cfg = _config()
+    t0 = time.time() - 600
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert record_stage(cfg, config_hash(cfg), "prune1/m/2of4", params={}, metrics={}, started=t0, ended=t0 + 9) is False
+    store = f"sqlite:///{in_tmp / 'store.db'}"
+    if store_at_close == "reachable":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert close_pipeline(cfg, "FAILED") == ""
+    assert len(list((in_tmp / "results" / "t" / "mlflow_pending").glob("*.json"))) == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync_pending("t") == (2, 0)
+    _, runs = _runs(store)
+    (parent,) = [r for r in runs if r.data.tags["sds_role"] == "pipeline"]
+    assert parent.info.status == "FAILED"

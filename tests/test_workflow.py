@@ -1,6 +1,5 @@
 """End to end: the real Snakemake workflow on the micro config (about two minutes on 2 cores)."""
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def _mlflow_runs(mlflow_server):
     parents = [r for r in runs if r.data.tags.get("sds_role") == "pipeline"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return client, exp, parents[0], {r.info.run_name: r for r in children}
+    return client, exp, parents[0], {r.data.tags["sds_stage"]: r for r in children}
 
 
 def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
@@ -74,8 +73,12 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["config_hash"] == parent.data.tags["sds_config_hash"]
     assert parent.data.params["calibration.nsamples"] == "4"
-    # one child per stage, each named by what it ran: stage / method / pattern / setting
-    assert len(children) == len([r for r in children.values() if r.data.tags["sds_stage"] == r.info.run_name])
+    # one child per stage, each named by what it ran (stage / method / pattern / setting) and its pipeline
+    short = f"micro-{parent.data.tags['sds_config_hash'][:6]}"
+    assert all(r.info.run_name == f"{stage} @ {short}" for stage, r in children.items())
+    # the pipeline's run ended with the invocation (the Snakefile's onsuccess hook), at its last stage's end
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time == max(r.info.end_time for r in children.values())
     assert {"corpus", "build_model", "calibration", "layer_inputs", "prune1/sparsegpt/2of4",
             "prune1_adjust/sparsegpt/2of4", "reconstruct/sparsegpt/2of4/default", "prune2/sparsegpt/2of4/default",
             "evaluate/dense", "evaluate/sparsegpt/2of4/prune1", "evaluate/sparsegpt/2of4/prune1+adjust",
@@ -86,8 +89,9 @@ def test_mlflow_server_holds_parent_and_stage_runs(micro_run, mlflow_server):
 
     eval_json = work / "results" / "micro" / "eval" / "sparsegpt" / "2of4" / "default" / "sds.json"
     recorded = json.loads(eval_json.read_text())
-    assert sds_eval.data.metrics["ppl.builtin"] == recorded["ppl"]["builtin"]  # what the stage wrote, unrounded
-    assert sds_eval.data.metrics["zeroshot.mean.acc"] == recorded["zeroshot"]["mean"]["acc"]
+    # what the stage wrote (exact there), rounded for display
+    assert sds_eval.data.metrics["ppl.builtin"] == round(recorded["ppl"]["builtin"], 4)
+    assert sds_eval.data.metrics["zeroshot.mean.acc"] == round(recorded["zeroshot"]["mean"]["acc"], 4)
     assert "git_revision" in sds_eval.data.tags
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report.md" in artifacts
@@ -116,8 +120,8 @@ def test_mlflow_parent_compares_every_checkpoint(micro_run, mlflow_server):
 
 def test_mlflow_runs_span_the_stages_wall_clock(micro_run, mlflow_server):
     """Each stage's run lies within the interval Snakemake's benchmark timed for its job (the TSV is written
-    as the job ends; `s` is its wall time) and lasts at least the stage's own measured seconds; the
-    pipeline's run spans all of them."""
+    as the job ends; `s` is its wall time); its `seconds` metric is its duration, and the report shows
+    that number; the pipeline's run spans all of them."""
     work, _, _ = micro_run
     _, _, parent, children = _mlflow_runs(mlflow_server)
     bench = work / "results" / "micro" / "benchmarks"
@@ -132,6 +136,7 @@ def test_mlflow_runs_span_the_stages_wall_clock(micro_run, mlflow_server):
            "evaluate/sparsegpt/2of4/default/sds": "evaluate/sparsegpt_2of4_default_sds", "report": "report/report"}
     assert set(tsv) == set(children)
     slack = 1.0  # seconds: file times and /proc clock ticks
+    reported = json.loads((work / "results" / "micro" / "report" / "seconds.json").read_text())
     for name, run in children.items():
         path = bench / f"{tsv[name]}.tsv"
         job_end = path.stat().st_mtime
@@ -139,14 +144,16 @@ def test_mlflow_runs_span_the_stages_wall_clock(micro_run, mlflow_server):
         start, end = run.info.start_time / 1000, run.info.end_time / 1000
         assert job_end - job_seconds - slack <= start < end <= job_end + slack, name
         assert end - start <= job_seconds + slack, name
-        if "seconds" in run.data.metrics:
-            assert end - start >= run.data.metrics["seconds"], name
+        assert run.data.metrics["seconds"] == pytest.approx(end - start, abs=2e-3), name
+        if name != "report":  # the report is written before its own run ends
+            assert reported[tsv[name]] == pytest.approx(end - start, abs=2e-3), name
     assert parent.info.start_time == min(r.info.start_time for r in children.values())
     assert parent.info.end_time == max(r.info.end_time for r in children.values())
 
 
 def test_mlflow_per_layer_errors_are_series_over_depth(micro_run, mlflow_server):
-    """rel_error.<stage>.<linear kind>: one value per decoder layer (step), equal to layers.json."""
+    """by_layer/rel_error.<stage>.<linear kind>: one value per decoder layer (step), equal to layers.json;
+    its max over the layers as one metric."""
     work, _, _ = micro_run
     client, _, _, children = _mlflow_runs(mlflow_server)
     r = work / "results" / "micro" / "sparsegpt" / "2of4"
@@ -157,15 +164,17 @@ def test_mlflow_per_layer_errors_are_series_over_depth(micro_run, mlflow_server)
         run = children[name]
         assert not [k for k in run.data.metrics if "layers." in k], "no per-weight metric keys"
         for kind in ("fc1", "fc2", "self_attn.q_proj", "self_attn.out_proj"):
-            history = client.get_metric_history(run.info.run_id, f"rel_error.{stage}.{kind}")
+            history = client.get_metric_history(run.info.run_id, f"by_layer/rel_error.{stage}.{kind}")
             assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
             for m in history:
                 expected = linears[f"model.decoder.layers.{m.step}.{kind}.weight"]["rel_error"]
                 assert m.value == pytest.approx(expected, rel=1e-12)
+            assert run.data.metrics[f"rel_error.{stage}.{kind}.max"] == round(max(m.value for m in history), 4)
 
 
 def test_mlflow_dataset_inputs_name_the_texts(micro_run, mlflow_server):
-    """Calibration and evaluation texts as dataset inputs: source file, digest of its text, token count."""
+    """Calibration and evaluation texts as dataset inputs: source file, token count, and a name and digest
+    that say the windowing too (windows x seqlen)."""
     from transformers import AutoTokenizer
 
     from sds.data.texts import tokenize
@@ -175,27 +184,30 @@ def test_mlflow_dataset_inputs_name_the_texts(micro_run, mlflow_server):
     corpus = work / "results" / "micro" / "corpus"
     tokenizer = AutoTokenizer.from_pretrained(work / "results" / "micro" / "model")
     expected = {}
-    for name, split, context in (("calibration", "train", "calibration"), ("builtin", "test", "evaluation")):
+    eval_windows = json.loads((work / "results" / "micro" / "eval" / "dense.json").read_text())["windows"]["builtin"]
+    for name, split, context, windows in (("calibration", "train", "calibration", 4),
+                                          ("builtin", "test", "evaluation", eval_windows)):
         text = (corpus / f"{split}.txt").read_text(encoding="utf-8")
-        expected[name] = (hashlib.sha256(text.encode()).hexdigest()[:16], str((corpus / f"{split}.txt").resolve()),
-                          tokenize(tokenizer, text).numel(), context)
+        expected[f"{name} {windows}x64"] = (str((corpus / f"{split}.txt").resolve()), tokenize(tokenizer, text).numel(),
+                                            context)
 
     def inputs(run):
         found = {}
         for item in run.inputs.dataset_inputs:
             d = item.dataset
-            found[d.name] = (d.digest, json.loads(d.source)["uri"], json.loads(d.profile)["tokens"],
+            found[d.name] = (json.loads(d.source)["uri"], json.loads(d.profile)["tokens"],
                              {t.key: t.value for t in item.tags}["mlflow.data.context"])
         return found
 
     assert inputs(parent) == expected
-    assert inputs(children["calibration"]) == {"calibration": expected["calibration"]}
-    assert inputs(children["evaluate/sparsegpt/2of4/default/sds"]) == {"builtin": expected["builtin"]}
-    assert children["calibration"].data.metrics["source_tokens"] == expected["calibration"][2]
+    assert inputs(children["calibration"]) == {"calibration 4x64": expected["calibration 4x64"]}
+    assert inputs(children["evaluate/sparsegpt/2of4/default/sds"]) == {f"builtin {eval_windows}x64":
+                                                                       expected[f"builtin {eval_windows}x64"]}
+    assert children["calibration"].data.metrics["source_tokens"] == expected["calibration 4x64"][1]
 
 
 def test_mlflow_registry_holds_the_sds_checkpoint(micro_run, mlflow_server, tmp_path):
-    """prune2's SDS folder is a logged model (card included) of the pipeline's run, output of prune2's run,
+    """prune2's SDS folder is a logged model (card included) of prune2's run, output of it and the pipeline's,
     registered under sds-<run>-<method>-<pattern>-<setting> with the numbers of summary.csv as its version's
     tags; small weights are copied, so the registered model loads from MLflow alone."""
     from mlflow.artifacts import download_artifacts
@@ -214,7 +226,7 @@ def test_mlflow_registry_holds_the_sds_checkpoint(micro_run, mlflow_server, tmp_
     producer = client.get_run(children["prune2/sparsegpt/2of4/default"].info.run_id)
     (model_id,) = [o.model_id for o in producer.outputs.model_outputs]
     assert version.source == f"models:/{model_id}"
-    assert version.run_id == client.get_logged_model(model_id).source_run_id == parent.info.run_id
+    assert version.run_id == client.get_logged_model(model_id).source_run_id == producer.info.run_id
     assert model_id in [o.model_id for o in client.get_run(parent.info.run_id).outputs.model_outputs]
     assert client.get_logged_model(model_id).tags["ppl.builtin"] == tags["ppl.builtin"]
     folder = work / "results" / "micro" / "sparsegpt" / "2of4" / "default" / "sds" / "model"

@@ -139,6 +139,26 @@ onstart:
 
 # quoted: a checkout or virtual environment whose path holds a space still runs every rule
 STAGE = f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} {shlex.quote(PY)} -m sds.cli"
+
+
+# The config's MLflow pipeline run stays RUNNING while stages run and ends once this invocation is over:
+# FINISHED (at its last stage's end) or FAILED. The hooks run in the main Snakemake process only (on SLURM
+# too, after every job), never in a job; they never fail the workflow (src/sds/tracking/pipeline.py).
+def _close_pipeline_run(status):
+    if not _JOB and RESOLVED["mlflow"]["enabled"] and os.path.exists(CONFIG_JSON):
+        import subprocess
+
+        path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+        subprocess.run([PY, "-m", "sds.tracking.pipeline", status, "--config", CONFIG_JSON],
+                       env={**os.environ, "PYTHONPATH": path}, check=False)
+
+
+onsuccess:
+    _close_pipeline_run("finished")
+
+
+onerror:
+    _close_pipeline_run("failed")
 THREADS = RESOLVED["threads"]
 
 

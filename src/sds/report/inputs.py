@@ -1,6 +1,6 @@
-"""What the report reads: evaluation JSONs, Snakemake's benchmark files, the checkpoint folders (which
-(method, pattern, setting, stage) each holds, from core.layout; their per-linear errors) and the bytes each
-stage's output takes on disk."""
+"""What the report reads: evaluation JSONs, each job's measured seconds (beside Snakemake's benchmark
+files), the checkpoint folders (which (method, pattern, setting, stage) each holds, from core.layout; their
+per-linear errors) and the bytes each stage's output takes on disk."""
 from __future__ import annotations
 
 import csv
@@ -17,10 +17,16 @@ from .plots import LayerErrors
 
 
 def benchmark_seconds(paths: list[str]) -> dict[str, float]:
-    """'stage/wildcards' → wall seconds, from results/<run>/benchmarks/<stage>/<name>.tsv files."""
+    """'stage/wildcards' → seconds of each job of results/<run>/benchmarks/<stage>/<name>.tsv: the stage's
+    own measured seconds (<name>.seconds.json beside it, written by the stage: the duration its MLflow run
+    shows), else Snakemake's wall time from the .tsv (a stage that wrote no seconds file)."""
     seconds = {}
     for path in paths:
         p = Path(path)
+        measured = p.with_suffix(".seconds.json")
+        if measured.is_file():
+            seconds[benchmark_job(p)] = float(read_json(measured)["seconds"])
+            continue
         if not p.is_file():
             continue
         rows = list(csv.DictReader(p.open(), delimiter="\t"))

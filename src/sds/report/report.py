@@ -108,7 +108,7 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     _merge_summary(summary_csv.with_name(Path(ZEROSHOT_SUMMARY_CSV).name), config["run"], zs_rows, ZEROSHOT_COLUMNS)
     lines += _zeroshot_section(results) if zs["enabled"] else []
     lines += figure_lines("zeroshot.png")
-    lines += ["## Seconds per stage (Snakemake benchmark wall time) and bytes on disk", "",
+    lines += ["## Seconds per stage (each stage's measured time, as its MLflow run shows it) and bytes on disk", "",
               "Bytes: the sizes of the files of each job's output (folder, or file with its checksums) as they "
               "are now.", "",
               "| stage | job | seconds | bytes on disk |", "|---|---|---|---|"]

@@ -59,7 +59,7 @@ def seconds_figure(seconds: dict[str, float]) -> Figure | None:
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="x", color="#e5e5e5", lw=0.6)
     ax.set_axisbelow(True)
-    ax.set_xlabel("seconds (Snakemake benchmark wall time, summed over the stage's jobs)", fontsize=FONT)
+    ax.set_xlabel("seconds (each job's measured time, summed over the stage's jobs)", fontsize=FONT)
     ax.set_title(f"Seconds per stage, in pipeline order (total {sum(totals):.1f} stage-seconds)", fontsize=FONT + 2)
     return fig
 

@@ -62,7 +62,7 @@ def build_model(config: dict, corpus_dir: str, out: str) -> None:
              info["final_train_loss"])
     track_stage(config, "build_model", started=started, params=b,
                 metrics=[("train_loss", v, (i + 1) * 10) for i, v in enumerate(info["loss_curve"])] +
-                [("parameters", info["parameters"], 0), ("seconds", info["seconds"], 0)])
+                [("parameters", info["parameters"], 0)])
 
 
 def zeroshot_tasks(config: dict, out: str) -> None:

@@ -35,7 +35,9 @@ def calibration(config: dict, model_dir: str, out: str, corpus_dir: str | None =
     windows = sample_windows(ids, cal["nsamples"], cal["seqlen"], config["seed"])
     write_calibration(out, windows)
     log.info("calibration: %d windows × %d tokens from %s (%d tokens)", *windows.shape, cal["source"], ids.numel())
-    track_stage(config, "calibration", started=started, params=cal, metrics={"source_tokens": ids.numel()},
+    # the same numbers as the dataset's profile: tokens of the source text, windows × seqlen taken from it
+    track_stage(config, "calibration", started=started, params=cal,
+                metrics={"source_tokens": ids.numel(), "windows": windows.shape[0], "seqlen": windows.shape[1]},
                 inputs=[text_input("calibration", cal["source"], text, ids.numel(), "calibration",
                                    path=builtin if cal["source"] == "builtin" else None,
                                    windows=windows.shape[0], seqlen=windows.shape[1])])

@@ -19,7 +19,7 @@ from ..model.checkpoints import CheckpointWriter, write_model_folder
 from ..report.modelcard import model_card
 from ..storage.atomic import atomic_dir
 from ..storage.documents import write_json
-from ..tracking.entries import layer_metrics
+from ..tracking.entries import checkpoint_reference, layer_metrics, registered_name, sds_model_entry
 from ..tracking.stage_runs import track_stage
 from .common import calibration_shape, checkpoint_readers, checkpoint_tags, layerwise_model, start_layer_stage
 
@@ -56,8 +56,9 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
     track_stage(config, f"prune1/{method}/{pattern}", started=started,
                 params={"method": method, "pattern": str(pat), **prune_settings},
-                metrics=layer_metrics(infos, "prune1") + [("seconds", time.monotonic() - start, 0)],
-                tags={"sds_method": method, "sds_pattern": pattern})
+                metrics=layer_metrics(infos, "prune1"), tags={"sds_method": method, "sds_pattern": pattern},
+                model=checkpoint_reference(registered_name(config["run"], method, pattern, "prune1"), out,
+                                           {"method": method, "pattern": str(pat), "stage": "prune1"}))
 
 
 def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, out: str,
@@ -73,7 +74,6 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
     def update(i, name, W, W_dense, stats):
         return sds_method.adjusted_first_prune(config["prune2"], W, masks[name].bool(), W_dense, stats)
 
-    start = time.monotonic()
     cross = config["prune2"]["adjust_target"] == "dense_stream"
     with atomic_dir(out) as tmp:
         checkpoint = CheckpointWriter(tmp, stage.lm, range(len(stage.lm)), masks=True)
@@ -83,7 +83,10 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
         checkpoint.close()
     method, pattern, tags = checkpoint_tags(prune1_dir)
     track_stage(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
-                metrics=layer_metrics(infos, "prune1_adjust") + [("seconds", time.monotonic() - start, 0)], tags=tags)
+                metrics=layer_metrics(infos, "prune1_adjust"), tags=tags,
+                model=checkpoint_reference(registered_name(config["run"], method, pattern, "prune1_adjust"), out,
+                                           {"method": method, "pattern": str(pattern_from_slug(pattern)),
+                                            "stage": "prune1_adjust"}))
 
 
 def _dense_phase(config: dict, recon: str) -> dict:
@@ -117,15 +120,14 @@ def _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, re
 def reconstruct(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, out: str,
                 dense_dir: str | None = None) -> None:
     """Dense reconstruction of every decoder layer in one job."""
-    started, start = time.time(), time.monotonic()
+    started = time.time()
     with atomic_dir(out) as tmp:
         summary = _reconstruct_layers(config, model_dir, inputs_dir, dense_dir, prune1_dir, recon, None, tmp,
                                       {"settings": _dense_phase(config, recon)})
     method, pattern, tags = checkpoint_tags(prune1_dir, recon)
     track_stage(config, f"reconstruct/{method}/{pattern}/{recon}", started=started,
                 params=_dense_phase(config, recon),
-                metrics=layer_metrics(summary["linears"], "reconstruct") + [("seconds", time.monotonic() - start, 0)],
-                tags=tags)
+                metrics=layer_metrics(summary["linears"], "reconstruct"), tags=tags)
 
 
 def reconstruct_one_layer(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon: str, layer: str,
@@ -195,6 +197,6 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
              time.monotonic() - start, fallbacks, len(infos))
     track_stage(config, f"prune2/{method}/{pattern}/{recon}", started=started,
                 params={"method": method, "pattern": str(pat), **settings},
-                metrics=layer_metrics(infos, "prune2") + [("seconds", time.monotonic() - start, 0),
-                                                          ("fallbacks", fallbacks, 0)],
-                tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon})
+                metrics=layer_metrics(infos, "prune2") + [("fallbacks", fallbacks, 0)],
+                tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon},
+                model=sds_model_entry(config["run"], method, pattern, recon, str(pat), Path(out) / MODEL))

@@ -30,7 +30,7 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     of the report can be shipped."""
     import shutil
 
-    from ..tracking.entries import model_entry, registered_name
+    from ..tracking.entries import model_entry, registered_name, shown
 
     started = time.time()
     lm = layerwise_model(config, model_dir, "cpu")
@@ -50,11 +50,11 @@ def export(config: dict, model_dir: str, checkpoint: str, stage: str, method: st
     ppl = {}
     if evaluation.is_file():
         try:
-            ppl = {f"ppl.{k}": v for k, v in read_json(evaluation, verify=True)["ppl"].items()}
+            ppl = {f"ppl.{k}": shown(v) for k, v in read_json(evaluation, verify=True)["ppl"].items()}
         except CorruptFileError as exc:  # only a tag of the registered model: the export itself stands
             log.warning("the registered model carries no perplexity: %s", exc)
     tags = {"method": method, "pattern": str(pattern_from_slug(pattern)), "stage": stage,
-            "sparsity": sparsity["overall"], **ppl}
+            "sparsity": shown(sparsity["overall"]), **ppl}
     track_stage(config, f"export/{method}/{pattern}/{stage}", started=started, metrics={"sparsity": sparsity["overall"]},
                 tags={"sds_method": method, "sds_pattern": pattern},
                 model=model_entry(registered_name(config["run"], method, pattern, stage), Path(out) / MODEL, tags))
@@ -85,7 +85,7 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     from ..model.loading import load_tokenizer, whole_model
     from ..storage.atomic import scratch_dir
     from ..storage.safetensors import TensorReader
-    from ..tracking.entries import evaluated_model_entry, headline_metrics, text_input
+    from ..tracking.entries import evaluated_model_entry, headline_metrics, shown, text_input
 
     started = time.time()
     zs = config["evaluate"]["zeroshot"]
@@ -126,13 +126,15 @@ def evaluate(config: dict, model_dir: str, out: str, corpus_dir: str | None = No
     if "zeroshot" in result:
         from ..evaluation.zeroshot import flat_metrics
 
-        zs_metrics = flat_metrics(result["zeroshot"])
+        zs_metrics = {k: shown(v) for k, v in flat_metrics(result["zeroshot"]).items()}
     headline = headline_metrics(result)
     sds_model = evaluated_model_entry(config["run"], result, model_dir) if stage == "sds" else None
+    ev = config["evaluate"]
+    inputs = [text_input(*t.pop("args"), seqlen=ev["seqlen"], max_windows=ev["max_windows"], **t) for t in texts]
     track_stage(config, f"evaluate/{label}", started=started, params={"label": label},
-                metrics={**{f"ppl.{k}": v for k, v in result["ppl"].items()}, "sparsity": result["sparsity"],
-                    "seconds": result["seconds"], **zs_metrics},
-                parent_metrics=headline, inputs=[text_input(*t.pop("args"), **t) for t in texts], model=sds_model,
+                metrics={**{f"ppl.{k}": shown(v) for k, v in result["ppl"].items()}, "sparsity": shown(result["sparsity"]),
+                         **zs_metrics},
+                parent_metrics=headline, inputs=inputs, model=sds_model,
                 tags={"sds_method": method, "sds_pattern": pattern, "sds_recon": recon, "sds_checkpoint": stage})
 
 

@@ -104,12 +104,55 @@ def sync_pending(run: str) -> tuple[int, int]:
     return done, len(records) - done + unreadable
 
 
+def stage_seconds_file(run: str, stage: str) -> Path:
+    """Where a stage's measured seconds are kept: beside Snakemake's benchmark file of its job
+    (benchmarks/<stage>/<job>.seconds.json, the job named as RunLayout.benchmark names it), so the report
+    reads the same number as the stage's MLflow run shows."""
+    kind, *parts = stage.replace("+", "_").split("/")
+    return Path(RunLayout(run).benchmark(kind, *parts)).with_suffix(".seconds.json")
+
+
 def track_stage(config: dict, stage: str, *, started: float, params=None, metrics=None, artifacts=(),
                 parent_artifacts=(), **extra) -> None:
-    """Records a pipeline stage as an MLflow child run named `stage` (unique within the pipeline), from
-    `started` (time.time() when the stage began) to now; `extra`: parent_metrics, inputs, model, tags."""
+    """Records a pipeline stage as an MLflow child run (`stage` unique within the pipeline) from `started`
+    (time.time() when the stage began; under Snakemake its process's start) to now. That span is the
+    stage's one duration: its run's start and end, its `seconds` metric, and the seconds file the report
+    reads (written whether or not MLflow is on). `extra`: parent_metrics, inputs, model, tags."""
     ended = time.time()
+    begun = stage_start(started)
     resolved = resolved_config(config)
-    record_stage(resolved, config_hash(resolved), stage, params=params or {}, metrics=metrics or {},
+    path = stage_seconds_file(resolved["run"], stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"stage": stage, "start": begun, "end": ended, "seconds": ended - begun})
+    if isinstance(metrics, dict):
+        metrics = [(k, v, 0) for k, v in metrics.items()]
+    metrics = [m for m in metrics or [] if m[0] != "seconds"] + [("seconds", round(ended - begun, 3), 0)]
+    record_stage(resolved, config_hash(resolved), stage, params=params or {}, metrics=metrics,
                  artifacts=list(artifacts), parent_artifacts=list(parent_artifacts), provenance=provenance(),
-                 started=stage_start(started), ended=ended, **extra)
+                 started=begun, ended=ended, **extra)
+
+
+def close_pipeline(config: dict, status: str) -> str:
+    """Ends the pipeline run of `config` (a resolved config): `status` FINISHED (at its last stage's end)
+    or FAILED. Called once the whole Snakemake invocation is over (its onsuccess/onerror hook), so also on
+    SLURM, where each stage is its own job. Returns the status set, '' if the config has no run (nothing
+    logged yet, or MLflow off); kept for `sync` like a stage record if the store is unreachable."""
+    if not config["mlflow"]["enabled"]:
+        return ""
+    now = int(time.time() * 1000)
+    record = {"run": config["run"], "experiment": config["mlflow"]["experiment"], "config_hash": config_hash(config),
+              "stage": "", "close": status, "start_ms": now, "end_ms": now}
+    pending = Path(RunLayout(config["run"]).pending)
+    try:
+        with _store_lock():
+            done = _log_record(record)
+    except Exception as exc:  # as for a stage: kept for sync, after the stages' records
+        done, reason = "", f"MLflow store {tracking_uri()} unreachable ({str(exc)[:300]})"
+    else:
+        reason = "stage records of this run are still pending"
+    if not done and (reason.startswith("MLflow") or any(pending.glob("*.json"))):
+        # replayed by sync after the stage records kept meanwhile (which create the run)
+        pending.mkdir(parents=True, exist_ok=True)
+        write_json(pending / f"pipeline-{status.lower()}-{time.time_ns()}.json", record)
+        log.warning("%s; the pipeline's end is kept in %s for `python -m sds.cli sync`", reason, pending)
+    return done
