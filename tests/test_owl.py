@@ -76,3 +76,82 @@ def test_config_refuses_owl_with_an_nm_pattern():
     assert ok["prune"]["owl_threshold"] == 5 and ok["prune"]["owl_lambda"] == 0.08
     assert validate_config({"run": "t"})["prune"]["sparsity_profile"] == "uniform"
     validate_config({"run": "t", "prune": {"patterns": ["2:4"]}})  # N:M stays fine with the uniform profile
+
+
+def test_profile_section_states_the_ratios():
+    from sds.report.report import _profile_section
+
+    profile = {"sparsity_profile": "owl", "layer_sparsity": [0.58, 0.42],
+               "owl": {"threshold": 5, "lambda": 0.08, "outlier_fraction": [0.007, 0.009]}}
+    results = [{"method": "wanda", "pattern": "unstructured:0.5", "stage": "prune1",
+                "sparsity_per_layer": {"0": 0.5664, "1": 0.4062}}]
+    text = "\n".join(_profile_section({("wanda", "unstructured:0.5"): profile}, results))
+    assert "## Per-layer sparsity (OWL)" in text
+    assert "per-layer sparsity (OWL) of wanda unstructured:0.5 (M = 5, λ = 0.08): 0: 0.5800, 1: 0.4200; mean 0.5000" \
+        in text
+    assert "| 0 | 0.0070 | 0.5800 | 0.5664 | – |" in text
+    assert _profile_section({}, results) == []
+
+
+# --- end to end: the micro workflow with sparsity_profile owl ------------------------------------------------
+
+def test_micro_run_with_owl_prunes_every_layer_to_its_ratio(tmp_path):
+    """The micro workflow with `sparsity_profile: owl` at unstructured 50 % (SparseGPT), up to the SDS
+    checkpoint (no evaluation: about two minutes on 2 cores):
+    the owl stage's outlier fractions match an independent recomputation on layer 0; prune1 records OWL's
+    ratios (spread, mean the target); every linear of prune1's and of the SDS checkpoint's masks removes
+    exactly floor(ratio · numel) at its layer's ratio, so each layer's achieved sparsity is its ratio within
+    rounding and their mean the target."""
+    import yaml
+
+    from conftest import ROOT, snakemake
+    from sds.model.checkpoints import MaskReader
+    from sds.model.decoder import decoder_layers, find_linears, layer_kwargs
+    from sds.model.loading import load_model
+    from sds.model.statistics import collect_stats
+    from sds.storage.documents import read_json
+    from sds.storage.parquet import iter_parquet_tensors
+    from sds.storage.safetensors import TensorReader
+
+    work = tmp_path
+    config = yaml.safe_load((ROOT / "config" / "micro.yaml").read_text())
+    config["prune"].update(patterns=["unstructured:0.5"], sparsity_profile="owl")
+    (work / "owl.yaml").write_text(yaml.safe_dump(config))
+    r = work / "results" / "micro"
+    p1 = r / "sparsegpt" / "unstructured50" / "prune1"
+    sds = r / "sparsegpt" / "unstructured50" / "default" / "sds"
+    snakemake(work, "--cores", "2", "--configfile", str(work / "owl.yaml"), "--", str(p1.relative_to(work)),
+              str(sds.relative_to(work)))
+
+    owl = read_json(r / "activations" / "owl.json", verify=True)
+    assert owl["threshold"] == 5 and len(owl["outlier_fraction"]) == 2
+    model, _ = load_model(r / "model")
+    stream = [t.float() for t in iter_parquet_tensors(r / "activations" / "input" / "layer_000.parquet")]
+    layer0 = decoder_layers(model)[0]
+    acc = collect_stats(layer0, stream, layer_kwargs(model, stream[0].shape[0]))
+    scores = torch.cat([(m.weight.detach().abs() * torch.diagonal(acc.stats(n).H).sqrt()).flatten()
+                        for n, m in find_linears(layer0).items()])
+    assert owl["outlier_fraction"][0] == pytest.approx(float((scores > 5 * scores.mean()).float().mean()), abs=1e-4)
+
+    summary = read_json(p1 / "layers.json")
+    ratios = summary["layer_sparsity"]
+    assert summary["sparsity_profile"] == "owl"
+    assert ratios == pytest.approx(owl_ratios(owl["outlier_fraction"], 0.5, 0.08))
+    assert sum(ratios) / len(ratios) == pytest.approx(0.5, abs=1e-12)
+    assert abs(ratios[0] - ratios[1]) > 0.05, "the micro model's layers differ in outliers: the ratios must differ"
+    assert read_json(sds / "layers.json")["layer_sparsity"] == ratios
+
+    for folder in (p1, sds):
+        masks, weights = MaskReader(folder / "masks.safetensors", device="cpu"), \
+            TensorReader(folder / "weights.safetensors", device="cpu")
+        achieved = {}
+        for name in masks.keys():
+            layer = int(next(p for p in name.split(".") if p.isdigit()))
+            keep, W = masks[name].bool(), weights[name]
+            assert int((~keep).sum()) == int(ratios[layer] * keep.numel()), f"{folder.name} {name}"
+            assert bool((W[~keep] == 0).all())
+            removed, total = achieved.get(layer, (0, 0))
+            achieved[layer] = (removed + int((~keep).sum()), total + keep.numel())
+        per_layer = [achieved[i][0] / achieved[i][1] for i in sorted(achieved)]
+        assert per_layer == pytest.approx(ratios, abs=2e-3), folder.name
+        assert sum(per_layer) / len(per_layer) == pytest.approx(0.5, abs=2e-3)
