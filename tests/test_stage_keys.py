@@ -180,9 +180,14 @@ def test_changing_a_key_reruns_exactly_its_readers_and_what_follows(finished, le
 def test_a_stage_reading_a_key_it_is_not_listed_with_fails():
     from sds.core.stage_keys import stage_config
 
-    sliced = stage_config(_resolved(), "prune1", method="wanda")
+    sliced = stage_config(_resolved(), "prune1_adjust")
     assert "prune" not in sliced and sliced["activations"]["row_group_size"] == 8
-    with pytest.raises(KeyError, match="stage 'prune1' read config key 'prune'"):
+    with pytest.raises(KeyError, match="stage 'prune1_adjust' read config key 'prune'"):
         sliced["prune"]
-    assert stage_config(_resolved(), "prune1", method="sparsegpt")["prune"] == {"blocksize": 128, "percdamp": 0.01}
+    assert stage_config(_resolved(), "prune1", method="wanda")["prune"] == {"sparsity_profile": "uniform"}
+    assert stage_config(_resolved(), "prune1", method="sparsegpt")["prune"] == {"blocksize": 128, "percdamp": 0.01,
+                                                                               "sparsity_profile": "uniform"}
+    owl = {**_resolved(), "prune": {**_resolved()["prune"], "sparsity_profile": "owl"}}
+    assert stage_config(owl, "prune1", method="wanda")["prune"] == {"sparsity_profile": "owl", "owl_lambda": 0.08}
+    assert stage_config(owl, "owl")["prune"] == {"owl_threshold": 5}
     assert sliced.resolved["prune"]["methods"] == ["sparsegpt"]  # the whole config, for the hash and MLflow only

@@ -41,3 +41,25 @@ rule activations:
     shell:
         "{STAGE} activations --config {CONFIG_JSON} model_dir={MODEL:q} calibration_file={input.calibration:q} "
         "out={output:q} 2>&1 | tee {log:q}"
+
+
+# OWL's per-layer outlier fractions (prune.sparsity_profile: owl): one dense pass from layer 0's input;
+# every prune1 turns them into its pattern's per-layer ratios.
+rule owl:
+    input:
+        model=MODEL_INPUT,
+        inputs=INPUTS,
+    output:
+        L.owl,
+    params:
+        deps=keys_of("owl"),
+    threads: THREADS
+    resources:
+        **rule_resources("owl"),
+    log:
+        L.log("owl"),
+    benchmark:
+        L.benchmark("owl")
+    shell:
+        "{STAGE} owl --config {CONFIG_JSON} model_dir={MODEL:q} inputs_dir={input.inputs:q} out={output:q} "
+        "2>&1 | tee {log:q}"

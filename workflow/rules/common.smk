@@ -66,6 +66,8 @@ PRUNED_STREAM = any(r["inputs"] == "pruned" and r["target"] == "dense_stream" fo
 INPUTS = L.layer_inputs
 DENSE = L.dense_activations
 ADJUST_NEEDS_DENSE = RESOLVED["prune2"]["adjust_target"] == "dense_stream"
+# OWL's outlier fractions (one dense pass) are computed once and read by every prune1
+OWL = RESOLVED["prune"]["sparsity_profile"] == "owl"
 
 
 def _dense_phase(recon):

@@ -78,7 +78,8 @@ def config_errors(raw, *, hf_sources: bool = False) -> tuple[dict | None, list[s
     config = _fill_defaults(schema, copy.deepcopy(raw))
     if not errors:
         errors = _schema_errors(validator, config)
-    checks = [_check_patterns, _check_lengths, _check_builtin_model, _check_text_sources, _check_zeroshot]
+    checks = [_check_patterns, _check_sparsity_profile, _check_lengths, _check_builtin_model, _check_text_sources,
+              _check_zeroshot]
     if hf_sources:
         from .sources import hf_dataset_errors
 
@@ -114,6 +115,26 @@ def _check_patterns(config: dict):
             parse_pattern(text)
         except ValueError as exc:
             yield f"config key 'prune.patterns.{i}': {exc}"
+
+
+def _check_sparsity_profile(config: dict):
+    """OWL spreads an unstructured ratio over the layers: an N:M pattern fixes every layer's sparsity, and
+    each layer's ratio ± owl_lambda must stay a sparsity."""
+    prune = config["prune"]
+    if prune["sparsity_profile"] != "owl":
+        return
+    for i, text in enumerate(prune["patterns"]):
+        try:
+            pattern = parse_pattern(text)
+        except ValueError:
+            continue  # named by _check_patterns
+        if pattern.kind == "nm":
+            yield (f"config key 'prune.patterns.{i}': {text!r} is an N:M pattern, but prune.sparsity_profile 'owl' "
+                   "gives each decoder layer its own unstructured ratio; use unstructured patterns with owl, or "
+                   "sparsity_profile 'uniform' for N:M")
+        elif not (pattern.ratio - prune["owl_lambda"] >= 0 and pattern.ratio + prune["owl_lambda"] < 1):
+            yield (f"config key 'prune.owl_lambda' = {prune['owl_lambda']} takes pattern {text!r}'s layers outside "
+                   "sparsities [0, 1): it must be at most the ratio and below 1 − the ratio")
 
 
 def _check_lengths(config: dict):

@@ -5,6 +5,7 @@ holds; nothing else builds or parses these paths.
     results/<run>/corpus/, model/                    the built-in model (corpus, build_model)
     results/<run>/calibration.parquet                calibration token windows
     results/<run>/activations/{input,dense}/         layer_NNN.parquet: decoder layer inputs
+    results/<run>/activations/owl.json               OWL's per-layer outlier fractions (sparsity_profile: owl)
     results/<run>/<method>/<pattern>/prune1/         a stage checkpoint: weights.safetensors, masks.safetensors,
     results/<run>/<method>/<pattern>/prune1_adjust/  layers.json (prune1 also stats/layer_NNN.safetensors and,
     results/<run>/<method>/<pattern>/<recon>/reconstruct/      for the dense_stream target, stream/)
@@ -128,6 +129,7 @@ class RunLayout:
     calibration = property(lambda self: self._at("calibration.parquet"))
     layer_inputs = property(lambda self: self._at("activations", "input"))
     dense_activations = property(lambda self: self._at("activations", "dense"))
+    owl = property(lambda self: self._at("activations", "owl.json"))  # OWL's per-layer outlier fractions
     tasks = property(lambda self: self._at("tasks"))
     report_dir = property(lambda self: self._at("report"))
     report_md = property(lambda self: self._at("report", "report.md"))

@@ -21,6 +21,11 @@ PRUNER_KEYS = {
     "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp"),
 }
 
+# The `prune` keys prune1 reads to turn OWL's outlier fractions into per-layer ratios (with sparsity_profile
+# 'owl' only; the fractions themselves are the `owl` stage's, its threshold a key of that stage). The later
+# stages take prune1's ratios from its layers.json, so they read neither.
+OWL_KEYS = ("prune.owl_lambda",)
+
 # Keys of a `reconstruct` setting that the dense phase reads (its `prune2` overrides are the second prune's).
 DENSE_PHASE_KEYS = ("granularity", "inputs", "target", "l1", "l2", "l1_pruned_weight", "solver", "iters", "rho",
                     "steps")
@@ -43,7 +48,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "calibration": ("seed", "calibration", "model.source"),
     "layer_inputs": _LAYER_PASS + ("activations.row_group_size",),
     "activations": _LAYER_PASS + ("activations",),
-    "prune1": _LAYER_PASS + ("activations",),  # + the pruner's PRUNER_KEYS
+    "owl": _LAYER_PASS + ("activations.row_group_size", "prune.owl_threshold"),  # OWL's dense pass
+    "prune1": _LAYER_PASS + ("activations", "prune.sparsity_profile"),  # + PRUNER_KEYS, OWL_KEYS with owl
     "prune1_adjust": _LAYER_PASS + ("activations.row_group_size",) + ADJUST_KEYS,
     "reconstruct": _LAYER_PASS,  # + the setting's DENSE_PHASE_KEYS
     "reconstruct_one_layer": _LAYER_PASS,  # the same, one decoder layer per job
@@ -70,6 +76,8 @@ def stage_keys(config: Mapping, stage: str, *, method: str | None = None, recon:
     keys = list(STAGE_KEYS[stage])
     if stage in ("prune1", "prune2") and method is not None:
         keys += PRUNER_KEYS[method]
+    if stage == "prune1" and config["prune"]["sparsity_profile"] == "owl":
+        keys += OWL_KEYS
     if stage.startswith("reconstruct") and recon is not None:
         keys += [f"reconstruct.{recon}.{k}" for k in DENSE_PHASE_KEYS]
     if stage == "prune2" and recon is not None:

@@ -1,5 +1,5 @@
-"""The layer-by-layer drivers the stages share: the dense activation pass, the sequential protocol of
-SparseGPT/Wanda (prune1, the adjust ablation, prune2) and the per-layer dense reconstruction.
+"""The layer-by-layer drivers the stages share: the dense activation and statistics passes, the sequential
+protocol of SparseGPT/Wanda (prune1, the adjust ablation, prune2) and the per-layer dense reconstruction.
 
 They join the model plumbing (`loading`, `decoder`, `statistics`), the hidden-state streams (`streams`) and the
 checkpoint writer (`checkpoints`); what happens to each weight matrix is the caller's `update`. One
@@ -74,6 +74,31 @@ def dense_pass(config: dict, lm: LayerwiseModel, windows: torch.Tensor, out: Pat
         release_memory(lm.device)
         progress(i + 1)
     stream.close()
+
+
+def dense_statistics_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int, inputs_dir,
+                          measure: Callable[[int, torch.nn.Module, StatsAccumulator], object], work_dir: Path,
+                          what: str = "dense statistics layer") -> list:
+    """The dense model run layer by layer from decoder layer 0's cached input: `measure(i, layer, stats)`
+    for each decoder layer on its linears' statistics of the dense inputs (nothing is changed; e.g. OWL's
+    outlier fractions), then the dense layer propagates. Returns measure's results in layer order."""
+    batch = batch_size(config, lm, nsamples, seqlen)
+    kwargs = lm.kwargs(seqlen)
+    stream = WorkStream(work_dir, layer_file(inputs_dir, 0), dtype=lm.dtype, device=lm.device, batch_size=batch,
+                        row_group_size=config["activations"]["row_group_size"])
+    progress = Progress(what, len(lm), lm.device)
+    results = []
+    for i in range(len(lm)):
+        layer = lm.layer(i)
+        acc = collect_stats(layer, stream, kwargs, layer_name=f"dense layer {i}")
+        results.append(measure(i, layer, acc))
+        acc = None
+        stream.advance(propagate(layer, stream, kwargs, layer_name=f"dense layer {i}"), i + 1)
+        lm.release(i)
+        release_memory(lm.device)
+        progress(i + 1)
+    stream.close()
+    return results
 
 
 class OneSaveInFlight:

@@ -77,6 +77,21 @@ def layer_errors(checkpoints: list[Checkpoint]) -> list[LayerErrors]:
     return out
 
 
+def sparsity_profiles(checkpoints: list[Checkpoint]) -> dict[tuple[str, str], dict]:
+    """(method, pattern) → the per-layer sparsity profile its prune1 recorded (sparsity_profile 'owl':
+    `layer_sparsity`, `owl`), for those with one."""
+    out = {}
+    for ckpt in checkpoints:
+        path = ckpt.path / LAYERS
+        if ckpt.stage != "prune1" or not path.is_file():
+            continue
+        summary = read_json(path)
+        if summary.get("layer_sparsity"):
+            out[(ckpt.method, ckpt.pattern)] = {k: summary[k] for k in ("sparsity_profile", "layer_sparsity", "owl")
+                                                if k in summary}
+    return out
+
+
 # what lies beside a file output and is written with it: its checksum, per-tensor digests, ownership record
 _BESIDE = (CHECKSUM_SUFFIX, TENSORS_SUFFIX, OUTPUT_RECORD)
 

@@ -15,7 +15,7 @@ from ..storage.atomic import atomic_path, exclusive
 from ..storage.documents import write_text
 from .figures import figures
 from .inputs import (benchmark_seconds, checkpoint_of, layer_errors, model_weights_bytes, output_bytes, read_evals,
-                     stage_outputs)
+                     sparsity_profiles, stage_outputs)
 from .plots import STAGE_ORDER, LayerErrors, make_series, percent_text, save_png
 from .stage_plots import job_order
 from .webpage import report_html
@@ -100,6 +100,7 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     lines += figure_lines("ppl.png")
     for ds in datasets:
         lines += _perplexity_section(results, ds, dense[ds])
+    lines += _profile_section(sparsity_profiles(ckpts), results)
     lines += _layer_error_section(errors)
     lines += figure_lines("layer_errors.png")
     zs_rows = _zeroshot_rows(config, model, results)
@@ -202,6 +203,39 @@ def _bytes_section(outputs: dict, sizes: dict[str, int], weights: int | None) ->
         lines.append(f"| (shared) | | {_bytes_cell(groups[('', '')])} | {times(groups[('', '')])} |")
     total = sum(groups.values())
     return lines + [f"| **total** | | **{_bytes_cell(total)}** | **{times(total)}** |", ""]
+
+
+def _profile_section(profiles: dict[tuple[str, str], dict], results: list[dict]) -> list[str]:
+    """Per-layer sparsity (OWL): each layer's outlier fraction, its ratio (prune1 and prune2 prune to it) and
+    the exact-zero fractions the evaluations measured, per (method, pattern) with a non-uniform profile."""
+    if not profiles:
+        return []
+    lines = ["## Per-layer sparsity (OWL)", "",
+             "`prune.sparsity_profile: owl` (Yin et al., ICML 2024): each decoder layer's outlier fraction (the "
+             "share of its Wanda scores |W|·‖X‖ above M × their mean, on the dense model's calibration inputs) "
+             "sets its sparsity: more outliers, lower sparsity, within the pattern's ratio ± λ, their plain mean "
+             "over the layers the pattern's ratio. Achieved: the exact-zero fraction of the layer's linears in "
+             "the evaluated checkpoint.", ""]
+    for (method, pattern), profile in sorted(profiles.items()):
+        owl = profile.get("owl", {})
+        ratios = profile["layer_sparsity"]
+        achieved = {r["stage"]: r.get("sparsity_per_layer", {}) for r in results
+                    if (r["method"], r["pattern"]) == (method, pattern) and r["stage"] in ("prune1", "sds")}
+        lines += [f"per-layer sparsity (OWL) of {method} {pattern} (M = {owl.get('threshold', '–')}, "
+                  f"λ = {owl.get('lambda', '–')}): " + ", ".join(f"{i}: {r:.4f}" for i, r in enumerate(ratios))
+                  + f"; mean {sum(ratios) / len(ratios):.4f}", "",
+                  "| layer | outlier fraction | OWL ratio | achieved, one-shot | achieved, SDS |", "|---|---|---|---|---|"]
+        fractions = owl.get("outlier_fraction", [])
+
+        def cell(stage, i):
+            value = achieved.get(stage, {}).get(str(i), achieved.get(stage, {}).get(i))
+            return "–" if value is None else f"{value:.4f}"
+
+        for i, ratio in enumerate(ratios):
+            fraction = f"{fractions[i]:.4f}" if i < len(fractions) else "–"
+            lines.append(f"| {i} | {fraction} | {ratio:.4f} | {cell('prune1', i)} | {cell('sds', i)} |")
+        lines.append("")
+    return lines
 
 
 def _layer_error_section(errors: list[LayerErrors]) -> list[str]:

@@ -3,7 +3,7 @@
 
 MODULES = {
     "corpus": "build", "build_model": "build", "zeroshot_tasks": "build",
-    "calibration": "calibrate", "layer_inputs": "calibrate", "activations": "calibrate",
+    "calibration": "calibrate", "layer_inputs": "calibrate", "activations": "calibrate", "owl": "calibrate",
     "prune1": "compress", "prune1_adjust": "compress", "reconstruct": "compress", "reconstruct_one_layer": "compress",
     "reconstruct_gather": "compress", "prune2": "compress",
     "export": "evaluate", "evaluate": "evaluate", "report": "evaluate",

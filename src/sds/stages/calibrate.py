@@ -1,5 +1,5 @@
-"""The stages every compression run starts with: calibration windows, decoder layer 0's inputs and the dense
-model's per-layer inputs (the activation cache)."""
+"""The stages every compression run starts with: calibration windows, decoder layer 0's inputs, the dense
+model's per-layer inputs (the activation cache) and OWL's per-layer outlier fractions."""
 from __future__ import annotations
 
 import logging
@@ -79,3 +79,36 @@ def activations(config: dict, model_dir: str, calibration_file: str, out: str) -
     layers, _ = _calibration_pass(config, model_dir, calibration_file, out, dense_pass, config["activations"]["dtype"])
     track_stage(config, "activations", started=started, params=config["activations"], metrics={"layers": layers})
 
+
+
+def owl(config: dict, model_dir: str, inputs_dir: str, out: str) -> None:
+    """OWL's layer outlier distribution (sparsity_profile 'owl'): one dense pass over the calibration
+    windows, each decoder layer's fraction of Wanda scores |W|·‖X_j‖ above owl_threshold × their mean,
+    pooled over its linears, on the dense model's own inputs (the paper's protocol: the fractions, and so
+    every layer's ratio, are known before the first layer is pruned). out: a JSON of the fractions, which
+    every prune1 turns into per-layer ratios for its pattern."""
+    from ..algorithms.owl import input_norms_from_hessian, outlier_fraction
+    from ..model.decoder import find_linears
+    from ..model.passes import dense_statistics_pass
+    from ..storage.atomic import scratch_dir
+    from ..tracking.entries import BY_LAYER
+    from .common import start_layer_stage
+
+    started = time.time()
+    threshold = config["prune"]["owl_threshold"]
+    stage = start_layer_stage(config, model_dir, inputs_dir)
+
+    def measure(i, layer, acc):
+        linears = find_linears(layer)
+        return outlier_fraction({n: m.weight.detach() for n, m in linears.items()},
+                                {n: input_norms_from_hessian(acc.stats(n).H) for n in linears}, threshold)
+
+    with scratch_dir(out) as work:
+        fractions = dense_statistics_pass(config, stage.lm, stage.nsamples, stage.seqlen, inputs_dir, measure, work,
+                                          what="owl layer")
+    write_json(out, {"threshold": threshold, "outlier_fraction": fractions, "layers": len(fractions),
+                     "score": "|W|*||X_j|| (Wanda), pooled over each layer's linears, dense inputs"}, output=True)
+    log.info("owl: outlier fractions (M=%g) %s", threshold, ", ".join(f"{f:.4f}" for f in fractions))
+    track_stage(config, "owl", started=started, params={"owl_threshold": threshold},
+                metrics=[(f"{BY_LAYER}outlier_fraction", f, i) for i, f in enumerate(fractions)]
+                + [("outlier_fraction.mean", sum(fractions) / max(len(fractions), 1), 0)])

@@ -1,5 +1,6 @@
 """What the stages share: the preamble of a layer-by-layer stage (device, the layer-wise model, the calibration
-shape), readers of prune1's checkpoint, and the MLflow tags of a checkpoint."""
+shape), readers of prune1's checkpoint, the MLflow tags of a checkpoint, and prune1's per-layer sparsity
+profile (OWL)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..algorithms.owl import owl_ratios
+from ..core.errors import HOW_TO_RECREATE, CorruptFileError
 from ..core.layout import MANIFEST, MASKS, WEIGHTS, place_of
+from ..core.patterns import Pattern
 from ..core.runtime import setup
 from ..model.checkpoints import MaskReader
 from ..model.loading import LayerwiseModel
@@ -58,3 +62,48 @@ def checkpoint_tags(folder, recon: str | None = None) -> tuple[str, str, dict]:
     if recon is not None:
         tags["sds_recon"] = recon
     return place.method, place.pattern, tags
+
+
+def sparsity_profile(config: dict, pattern: Pattern, owl_file: str | None, layers: int) -> dict:
+    """What prune1 records of its per-layer sparsity (in layers.json, read back by prune2): nothing for the
+    uniform profile; for 'owl', `layer_sparsity` (one ratio per decoder layer, from the `owl` stage's
+    outlier fractions in `owl_file`, owl_lambda and the pattern's ratio) and the inputs behind it."""
+    if config["prune"]["sparsity_profile"] != "owl":
+        return {}
+    if pattern.kind != "unstructured":
+        raise ValueError(f"sparsity_profile 'owl' needs an unstructured pattern, not {pattern}")
+    if owl_file is None:
+        raise ValueError("sparsity_profile 'owl' needs the owl stage's outlier fractions (owl_file=...)")
+    owl = read_json(owl_file, verify=True)
+    fractions = owl.get("outlier_fraction")
+    if not isinstance(fractions, list) or len(fractions) != layers:
+        raise CorruptFileError(f"{owl_file}: holds {len(fractions or [])} outlier fractions, not one per decoder "
+                               f"layer ({layers}); {HOW_TO_RECREATE}", owl_file)
+    lam = config["prune"]["owl_lambda"]
+    return {"sparsity_profile": "owl", "layer_sparsity": owl_ratios(fractions, pattern.ratio, lam),
+            "owl": {"threshold": owl["threshold"], "lambda": lam, "outlier_fraction": fractions}}
+
+
+def profile_params(profile: dict) -> dict:
+    """The profile as MLflow params: its name and, for OWL, M and λ."""
+    if not profile:
+        return {"sparsity_profile": "uniform"}
+    return {"sparsity_profile": profile["sparsity_profile"], "owl_threshold": profile["owl"]["threshold"],
+            "owl_lambda": profile["owl"]["lambda"]}
+
+
+def profile_tags(profile: dict, prefix: str = "") -> dict:
+    """Checkpoint tags: the profile, and OWL's per-layer ratios (4 decimals, comma-separated, layer order)."""
+    if not profile:
+        return {}
+    return {f"{prefix}sparsity_profile": profile["sparsity_profile"],
+            f"{prefix}layer_sparsity": ",".join(f"{r:.4f}" for r in profile["layer_sparsity"])}
+
+
+def profile_metrics(profile: dict) -> list[tuple[str, float, int]]:
+    """OWL's per-layer ratio and outlier fraction as series over depth (step = the layer index)."""
+    if not profile:
+        return []
+    return ([("by_layer/target_sparsity.prune1", float(r), i) for i, r in enumerate(profile["layer_sparsity"])]
+            + [("by_layer/outlier_fraction.prune1", float(f), i)
+               for i, f in enumerate(profile["owl"]["outlier_fraction"])])

@@ -11,36 +11,43 @@ import time
 from pathlib import Path
 
 from ..algorithms import method as sds_method
+from ..algorithms.owl import layer_pattern
 from ..core.config import second_prune_settings
 from ..core.layout import LAYERS, MODEL, STATS, STREAM, WEIGHTS, WORK
 from ..core.patterns import pattern_from_slug
 from ..core.runtime import setup
+from ..core.stage_keys import OWL_KEYS
 from ..model.checkpoints import CheckpointWriter, write_model_folder
 from ..report.modelcard import model_card
 from ..storage.atomic import atomic_dir
-from ..storage.documents import write_json
+from ..storage.documents import read_json, write_json
 from ..tracking.entries import checkpoint_reference, layer_metrics, registered_name, sds_model_entry
 from ..tracking.stage_runs import track_stage
-from .common import calibration_shape, checkpoint_readers, checkpoint_tags, layerwise_model, start_layer_stage
+from .common import (calibration_shape, checkpoint_readers, checkpoint_tags, layerwise_model, profile_metrics,
+                     profile_params, profile_tags, sparsity_profile, start_layer_stage)
 
 log = logging.getLogger("sds")
 
 
 def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: str, out: str,
-           cache_stream: str = "false") -> None:
+           cache_stream: str = "false", owl_file: str | None = None) -> None:
     """First prune: one-shot, sequential, every linear of every decoder layer. Also saves each layer's
     input statistics (stats/: what the reconstruction fits on, so it needs no forward pass) and, with
     `cache_stream` (needed only by the 'dense_stream' reconstruction target), the pruned model's
-    per-layer inputs (stream/)."""
+    per-layer inputs (stream/). With sparsity_profile 'owl', each decoder layer is pruned to its OWL ratio
+    (from the `owl` stage's outlier fractions, `owl_file`), recorded in layers.json for the later stages."""
     from ..model.passes import sequential_pass
 
     started = time.time()
     pat = pattern_from_slug(pattern)
     stage = start_layer_stage(config, model_dir, inputs_dir)
-    prune_settings = config.get("prune", {})  # the pruner's own keys (none for magnitude and Wanda)
+    profile_keys = {"sparsity_profile", *(key.removeprefix("prune.") for key in OWL_KEYS)}
+    prune_settings = {k: v for k, v in config.get("prune", {}).items() if k not in profile_keys}  # the pruner's
+    profile = sparsity_profile(config, pat, owl_file, len(stage.lm))
 
     def update(i, name, W, W_dense, stats):
-        return sds_method.first_prune(method, W, W_dense, stats, pat, prune_settings)
+        return sds_method.first_prune(method, W, W_dense, stats, layer_pattern(pat, profile.get("layer_sparsity"), i),
+                                      prune_settings)
 
     start = time.monotonic()
     with atomic_dir(out) as tmp:
@@ -52,13 +59,14 @@ def prune1(config: dict, model_dir: str, inputs_dir: str, method: str, pattern: 
         infos = sequential_pass(config, stage.lm, stage.nsamples, stage.seqlen, inputs_dir, update, tmp / WORK,
                                 checkpoint, stream_out=stream_out, stats_out=tmp / STATS,
                                 what=f"prune1 {method} {pat} layer")
-        checkpoint.close({"method": method, "pattern": str(pat)})
+        checkpoint.close({"method": method, "pattern": str(pat), **profile})
     log.info("prune1 %s %s done in %.1fs", method, pat, time.monotonic() - start)
+    tags = {"method": method, "pattern": str(pat), "stage": "prune1", **profile_tags(profile)}
     track_stage(config, f"prune1/{method}/{pattern}", started=started,
-                params={"method": method, "pattern": str(pat), **prune_settings},
-                metrics=layer_metrics(infos, "prune1"), tags={"sds_method": method, "sds_pattern": pattern},
-                model=checkpoint_reference(registered_name(config["run"], method, pattern, "prune1"), out,
-                                           {"method": method, "pattern": str(pat), "stage": "prune1"}))
+                params={"method": method, "pattern": str(pat), **prune_settings, **profile_params(profile)},
+                metrics=layer_metrics(infos, "prune1") + profile_metrics(profile),
+                tags={"sds_method": method, "sds_pattern": pattern, **profile_tags(profile, prefix="sds_")},
+                model=checkpoint_reference(registered_name(config["run"], method, pattern, "prune1"), out, tags))
 
 
 def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, out: str,
@@ -176,10 +184,11 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
     first, first_masks = checkpoint_readers(prune1_dir, stage.device)
     settings = second_prune_settings(config, recon)
     prune_settings = config.get("prune", {})  # the pruner's own keys, and ADMM's for the gradual selection
+    ratios = read_json(Path(prune1_dir) / LAYERS).get("layer_sparsity")  # prune1's OWL ratios, if any
 
     def update(i, name, W, W_dense, stats):
-        return sds_method.second_prune(method, W, W_dense, stats, pat, prune_settings, settings,
-                                       (first[name], first_masks[name]))
+        return sds_method.second_prune(method, W, W_dense, stats, layer_pattern(pat, ratios, i), prune_settings,
+                                       settings, (first[name], first_masks[name]))
 
     cross = settings["adjust_target"] == "dense_stream"
     start = time.monotonic()
@@ -189,7 +198,8 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                                 checkpoint, source=refit, dense_dir=dense_dir if cross else None,
                                 what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
-        summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks})
+        summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks,
+                                    **({"layer_sparsity": ratios} if ratios else {})})
         write_model_folder(stage.lm, tmp / WEIGHTS, tmp / MODEL,
                            model_card(config, "sds", method, pat, checkpoint.sparsity(), summary,
                                       stage.lm.folder))
