@@ -19,6 +19,8 @@ PRUNER_KEYS = {
     "wanda": (),
     "sparsegpt": ("prune.blocksize", "prune.percdamp"),
     "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp"),
+    "alps": ("prune.alps_iters", "prune.alps_rho", "prune.alps_rho_growth", "prune.alps_pcg_iters",
+             "prune.alps_percdamp"),
 }
 
 # Keys of a `reconstruct` setting that the dense phase reads (its `prune2` overrides are the second prune's).
