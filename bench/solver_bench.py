@@ -231,7 +231,9 @@ def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm, ref_a
                "wanda": lambda W, H, p: prune("wanda", W, p, PRUNE, hessian=H)[0],
                "magnitude": lambda W, H, p: prune("magnitude", W, p, PRUNE, hessian=H)[0],
                "admm": lambda W, H, p: prune("admm", W, p, PRUNE, hessian=H)[0],
-               "alps": lambda W, H, p: prune("alps", W, p, PRUNE, hessian=H)[0]}
+               "alps": lambda W, H, p: prune("alps", W, p, PRUNE, hessian=H)[0],
+               # the reference's dampening (on H before the input-norm scaling): its masks, for the comparison
+               "alps-inputs": lambda W, H, p: prune("alps", W, p, PRUNE | {"alps_damping": "inputs"}, hessian=H)[0]}
     if ref_sparsegpt:
         methods["ref-sparsegpt"] = ref_sparsegpt
     if ref_admm:

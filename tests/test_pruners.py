@@ -324,3 +324,20 @@ def test_alps_needs_an_iteration_and_three_growth_factors():
         alps_prune(W, H, parse_pattern("2:4"), **(ALPS | {"iters": 0}))
     with pytest.raises(ValueError, match="three growth factors"):
         alps_prune(W, H, parse_pattern("2:4"), **(ALPS | {"rho_growth": [1.3]}))
+
+
+@pytest.mark.parametrize("text", ["2:4", "unstructured:0.5"])
+def test_alps_with_the_references_dampening_on_the_inputs(text):
+    """`damping: inputs` (the reference code's ridge, on H before the scaling) is a valid ALPS too: exact
+    pattern, dead inputs removed first and kept ones unchanged, better than SparseGPT."""
+    W, _, H = _layer()
+    H = _with_dead_inputs(H, DEAD)
+    pat = parse_pattern(text)
+    new_W, mask = alps_prune(W, H, pat, **ALPS, damping="inputs")
+    _check_pattern(new_W, mask, pat, per_row=False)
+    assert (~mask[:, DEAD[0]]).all()
+    assert torch.equal(new_W[:, DEAD][mask[:, DEAD]], W[:, DEAD][mask[:, DEAD]])
+    stats = LinearStats(H, H, H)
+    assert relative_error(new_W, W, stats) < relative_error(prune("sparsegpt", W, pat, PRUNE, hessian=H)[0], W, stats)
+    with pytest.raises(ValueError, match="unknown ALPS damping"):
+        alps_prune(W, H, pat, **ALPS, damping="both")

@@ -43,7 +43,8 @@ def prune(method: str, W: torch.Tensor, pattern: Pattern, settings: Mapping, *, 
     if method == "alps":
         return alps_prune(W, hessian, pattern, iters=settings["alps_iters"], rho=settings["alps_rho"],
                           rho_growth=settings["alps_rho_growth"], pcg_iters=settings["alps_pcg_iters"],
-                          percdamp=settings["alps_percdamp"], W_start=W_start)
+                          percdamp=settings["alps_percdamp"], damping=settings["alps_damping"],
+                          W_start=W_start)
     return admm_prune(W, hessian, pattern, iters=settings["admm_iters"], gradual_iters=settings["admm_gradual_iters"],
                       percdamp=settings["admm_percdamp"], W_start=W_start)
 

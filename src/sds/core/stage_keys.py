@@ -20,7 +20,7 @@ PRUNER_KEYS = {
     "sparsegpt": ("prune.blocksize", "prune.percdamp"),
     "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp"),
     "alps": ("prune.alps_iters", "prune.alps_rho", "prune.alps_rho_growth", "prune.alps_pcg_iters",
-             "prune.alps_percdamp"),
+             "prune.alps_percdamp", "prune.alps_damping"),
 }
 
 # Keys of a `reconstruct` setting that the dense phase reads (its `prune2` overrides are the second prune's).
