@@ -276,7 +276,8 @@ def test_alps_meets_the_pattern_with_less_error_than_sparsegpt_and_wanda(text, s
     error = relative_error(new_W, W, stats)
     direct = ((X @ (W - new_W).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
     assert error == pytest.approx(float(direct), rel=1e-3)
-    others = {m: relative_error(prune(m, W, pat, PRUNE, hessian=H)[0], W, stats) for m in ("sparsegpt", "wanda", "admm")}
+    others = {m: relative_error(prune(m, W, pat, PRUNE, hessian=H)[0], W, stats)
+              for m in ("sparsegpt", "wanda", "admm")}
     assert error < others["sparsegpt"] < others["wanda"]
     assert error < others["admm"]
     again, mask_again = alps_prune(W, H, pat, **ALPS)

@@ -97,7 +97,8 @@ def alps_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int
     """ALPS (module docstring): min ‖X(W − W_d)‖² + dampening s.t. W on `pattern`, by at most `iters` ADMM
     steps from penalty `rho` (growth factors `rho_growth`, three), then `pcg_iters` PCG steps on the
     final support, dampening `percdamp` where `damping` says. `W_start`: where the iterates start (W_d
-    otherwise), the target staying W = W_d (as admm_prune). Returns (W_new, keep_mask), W_new on the pattern exactly (see masks.py for dead inputs)."""
+    otherwise), the target staying W = W_d (as admm_prune). Returns (W_new, keep_mask), W_new on the
+    pattern exactly (see masks.py for dead inputs)."""
     if iters < 1:
         raise ValueError(f"ALPS needs iters >= 1, got {iters}")
     if rho <= 0 or len(rho_growth) != 3:
