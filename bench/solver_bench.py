@@ -2,21 +2,23 @@
 
     nice .venv/bin/python bench/solver_bench.py --model /work/main/models/smollm2-135m \
         --text ../shared/assets/wikitext-2-v1/valid.txt \
-        --reference-sparsegpt /tmp/ref-sparsegpt --reference-admm /tmp/ref-admm
+        --reference-sparsegpt /tmp/ref-sparsegpt --reference-admm /tmp/ref-admm --reference-alps /tmp/ref-alps
 
 Captures H = E[x xᵀ] of every linear of the chosen decoder layers of the DENSE model by forward hooks
 (calibration: `--nsamples` windows × `--seqlen` tokens; a second, disjointly seeded set of windows gives
 held-out statistics), then per linear kind prints, side by side in one run:
 
-1. one-shot pruners (sparsegpt / wanda / magnitude / admm, plus the reference SparseGPT `fasterprune` and
-   reference ADMM `AdmmPruner.fasterprune` when checkouts are given) at 2:4 and 50 %: seconds, relative
-   output error on the calibration statistics and on the held-out ones;
+1. one-shot pruners (sparsegpt / wanda / magnitude / admm / alps, plus the reference SparseGPT
+   `fasterprune`, reference ADMM `AdmmPruner.fasterprune` and reference ALPS `ALPS_prune.ALPS_admm` when
+   checkouts are given) at 2:4 and 50 %: seconds, relative output error on the calibration statistics and
+   on the held-out ones;
 2. the dense phase: FISTA-200 vs ADMM-N on the same objective (objective value relative to FISTA-200's,
    seconds);
 3. the weight adjustment with a fixed mask: exact masked least squares vs masked ADMM (error, seconds).
 
 The reference checkouts are only imported here (e.g. `git clone /work/.mirror/IST-DASLab+sparsegpt/repo
-/tmp/ref-sparsegpt`); nothing of them is part of the project.
+/tmp/ref-sparsegpt`, `git clone /work/.mirror/mazumder-lab+ALPS/repo /tmp/ref-alps`); nothing of them is
+part of the project. `--sections pruners --methods ...` runs only the one-shot table for the named pruners.
 """
 from __future__ import annotations
 
@@ -169,6 +171,35 @@ def load_reference_admm(path: str | None):
     return run
 
 
+def load_reference_alps(path: str | None):
+    """ALPS_prune.ALPS_admm of mazumder-lab/ALPS's alps.py, run from a copy whose hard-coded 'cuda:0' is
+    pointed at the CPU when no GPU is there (its default rho 0.1, 300 steps, 10 CG steps)."""
+    if not path:
+        return None
+    import tempfile
+
+    source = (Path(path) / "alps.py").read_text()
+    if not torch.cuda.is_available():
+        source = source.replace("'cuda:0'", "'cpu'").replace('"cuda:0"', '"cpu"')
+        torch.cuda.synchronize = lambda *a, **k: None  # the reference calls it unconditionally
+    copy = Path(tempfile.mkdtemp(prefix="ref-alps-")) / "reference_alps.py"
+    copy.write_text(source)
+    spec = importlib.util.spec_from_file_location("reference_alps", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def run(W, H, pattern):
+        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False).to(device)
+        layer.weight.data = W.clone().to(device)
+        pruner = module.ALPS_prune(layer, nsamples=1, seqlen=1)
+        pruner.XtX = H.clone().float().to(device)
+        n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)  # its nm_n: the weights kept
+        _quiet(pruner.ALPS_admm, pattern.sparsity, nm_n=n, nm_m=m, rho=0.1)
+        return layer.weight.data.float().cpu()
+    return run
+
+
 # --- tables --------------------------------------------------------------------------------------------------
 
 def timed(fn, *args, **kwargs):
@@ -188,22 +219,29 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _short(name: str) -> str:
-    layer, rest = name.split(".", 1)
+    layer, rest = name.split(".", 1) if "." in name else (name, name)
     return f"{layer}.{rest.split('.')[-1]}"
 
 
-def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm):
+def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm, ref_alps=None, only=None):
     from sds.core.patterns import parse_pattern
     from sds.algorithms.dispatch import prune
 
     methods = {"sparsegpt": lambda W, H, p: prune("sparsegpt", W, p, PRUNE, hessian=H)[0],
                "wanda": lambda W, H, p: prune("wanda", W, p, PRUNE, hessian=H)[0],
                "magnitude": lambda W, H, p: prune("magnitude", W, p, PRUNE, hessian=H)[0],
-               "admm": lambda W, H, p: prune("admm", W, p, PRUNE, hessian=H)[0]}
+               "admm": lambda W, H, p: prune("admm", W, p, PRUNE, hessian=H)[0],
+               "alps": lambda W, H, p: prune("alps", W, p, PRUNE, hessian=H)[0],
+               # the reference's dampening (on H before the input-norm scaling): its masks, for the comparison
+               "alps-inputs": lambda W, H, p: prune("alps", W, p, PRUNE | {"alps_damping": "inputs"}, hessian=H)[0]}
     if ref_sparsegpt:
         methods["ref-sparsegpt"] = ref_sparsegpt
     if ref_admm:
         methods["ref-admm"] = ref_admm
+    if ref_alps:
+        methods["ref-alps"] = ref_alps
+    if only:
+        methods = {m: fn for m, fn in methods.items() if m in only}
     for text in patterns:
         pattern = parse_pattern(text)
         rows, totals = [], {m: [0.0, 0.0, 0.0, 0] for m in methods}
@@ -361,6 +399,20 @@ def synthetic_inputs(tokens: int, dim: int, seed: int, relu: bool = False) -> to
 OPT_SHAPES = [(768, 768, False), (3072, 768, False), (768, 3072, True)]  # q/k/v/out, fc1, fc2
 
 
+def synthetic_stats(width: int, tokens: int) -> tuple[dict, dict, dict]:
+    """(weights, calibration H, held-out H) of three OPT-like linears of hidden size `width` (attention,
+    fc1, fc2 with ReLU inputs), from `synthetic_inputs`: the statistics source of `--synthetic`, for
+    comparisons on a machine without a pretrained model (held-out: other tokens of the same features)."""
+    weights, calib, held = {}, {}, {}
+    for name, (rows, cols, relu) in {"0.attn": (width, width, False), "0.fc1": (4 * width, width, False),
+                                     "0.fc2": (width, 4 * width, True)}.items():
+        X = synthetic_inputs(2 * tokens, cols, cols, relu)  # one feature draw, two disjoint token sets
+        calib[name] = X[:tokens].T @ X[:tokens] / tokens
+        held[name] = X[tokens:].T @ X[tokens:] / tokens
+        weights[name] = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols)) * 0.02
+    return weights, calib, held
+
+
 def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
     from sds.algorithms.admm import masked_admm
     from sds.core.patterns import parse_pattern
@@ -428,6 +480,11 @@ def main(argv=None) -> None:
     add_capture_arguments(parser, layers=[2, 15], threads=1)
     parser.add_argument("--reference-sparsegpt", default=None, help="checkout of IST-DASLab/sparsegpt")
     parser.add_argument("--reference-admm", default=None, help="checkout of fmfi-compbio/admm-pruning")
+    parser.add_argument("--reference-alps", default=None, help="checkout of mazumder-lab/ALPS")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="WIDTH",
+                        help="synthetic OPT-like linears of this hidden size instead of a model's statistics")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these columns of the one-shot table (e.g. sparsegpt admm alps ref-alps)")
     parser.add_argument("--patterns", nargs="+", default=["2:4", "unstructured:0.5"])
     parser.add_argument("--dense-iters", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--adjust-iters", type=int, default=20)
@@ -439,16 +496,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     ref_sparsegpt = load_reference_sparsegpt(args.reference_sparsegpt)
     ref_admm = load_reference_admm(args.reference_admm)
+    ref_alps = load_reference_alps(args.reference_alps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if "speed" in args.sections or "exact-shapes" in args.sections:
         speed_tables(ref_sparsegpt, args.repeats, "exact-shapes" in args.sections)
     if {"pruners", "dense", "adjust", "sds"} & set(args.sections):
         start = time.perf_counter()
-        weights, calib, held = load_or_capture(args)
-        print(f"\nstatistics of layers {args.layers} ({len(weights)} linears): {args.nsamples} × {args.seqlen} "
-              f"calibration tokens, as many held-out ({time.perf_counter() - start:.0f} s)")
+        if args.synthetic:
+            weights, calib, held = synthetic_stats(args.synthetic, args.nsamples * args.seqlen)
+            print(f"\nsynthetic OPT-like linears, hidden size {args.synthetic}: {args.nsamples * args.seqlen} "
+                  "calibration tokens, as many held-out")
+        else:
+            weights, calib, held = load_or_capture(args)
+            print(f"\nstatistics of layers {args.layers} ({len(weights)} linears): {args.nsamples} × "
+                  f"{args.seqlen} calibration tokens, as many held-out ({time.perf_counter() - start:.0f} s)")
         if "pruners" in args.sections:
-            pruner_tables(weights, calib, held, args.patterns, ref_sparsegpt, ref_admm)
+            pruner_tables(weights, calib, held, args.patterns, ref_sparsegpt, ref_admm, ref_alps, args.methods)
         if "dense" in args.sections:
             dense_tables(weights, calib, held, args.dense_iters, args.long_fista)
         if "adjust" in args.sections:

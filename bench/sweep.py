@@ -11,7 +11,8 @@ The base config's own keys apply; --methods, --patterns and the SDS variants (na
 `default` grows the second-prune mask by ADMM from the reconstructed weights, `paper` runs the first
 pruner again and then the adjustment) replace its sweep keys. Runs `snakemake` from the repository root
 (relative paths in the config resolve there; every stage it already has is reused), then prints perplexity
-per stage — the `admm` method is the strongest one-shot baseline — and says where SDS does not win.
+per stage — the `admm` and `alps` methods are the strongest one-shot baselines — and says where SDS does
+not win.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="base config (YAML), e.g. config/smollm2.yaml")
     ap.add_argument("--run", help="run name (default: the config's own)")
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "admm"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "admm", "alps"])
     ap.add_argument("--patterns", nargs="+", default=["2:4", "unstructured:0.5"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cores", type=int, default=2)

@@ -16,7 +16,7 @@ from sds.report.report import build_report
 from sds.storage.documents import write_json
 from sds.storage.safetensors import save_tensors
 
-METHODS = ["sparsegpt", "wanda", "magnitude", "admm", "obc", "sparsellm"]
+METHODS = ["sparsegpt", "wanda", "magnitude", "admm", "alps", "sparsellm"]
 PATTERNS = ["2:4", "unstructured:0.5", "4:8", "unstructured:0.7", "1:4"]
 STAGES = ["prune1", "prune1+adjust", "sds"]
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"]

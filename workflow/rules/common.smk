@@ -188,6 +188,6 @@ def rule_resources(rule_name, inherits=None):
 
 
 wildcard_constraints:
-    method="magnitude|wanda|sparsegpt|admm",
+    method="magnitude|wanda|sparsegpt|admm|alps",
     pattern=r"\d+of\d+|unstructured[0-9p]+",
     recon=r"[A-Za-z0-9_.-]+",

@@ -112,6 +112,18 @@ def select_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float) -> torc
     return keep.reshape(rows, cols)
 
 
+def damped_scaled_problem(Wd: torch.Tensor, H: torch.Tensor, percdamp: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, C, d, dead) of the pruners' objective ‖(W' − W_d')·A^½‖² in the scaled space (module docstring):
+    A = H' + λI, λ = percdamp·mean diag H' (the dampening, pulling towards W_d), C = W_d' A. Shared by the
+    ADMM and ALPS pruners."""
+    d, dead = _input_norms(H)
+    Hs = _scaled_hessian(H, d)
+    damp = percdamp * float(torch.diagonal(Hs).mean())
+    A = Hs + damp * torch.eye(Hs.shape[0], dtype=Hs.dtype, device=Hs.device)
+    return A, (Wd * d) @ A, d, dead
+
+
 def admm_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int, gradual_iters: int,
                percdamp: float, rho: float = 1.0, W_start: torch.Tensor | None = None, gradual: bool = True,
                final: str = "project") -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,11 +144,7 @@ def admm_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int
     Wd = W.detach().float()
     start = Wd if W_start is None else W_start.detach().float().to(Wd.device)
     H = H.detach().float().to(Wd.device)
-    d, dead = _input_norms(H)
-    Hs = _scaled_hessian(H, d)
-    damp = percdamp * float(torch.diagonal(Hs).mean())
-    A = Hs + damp * torch.eye(Hs.shape[0], dtype=Hs.dtype, device=Hs.device)
-    C = (Wd * d) @ A
+    A, C, d, dead = damped_scaled_problem(Wd, H, percdamp)
     selection_steps = min(max(gradual_iters, 1), iters)
     mask_holder: list[torch.Tensor] = []
 

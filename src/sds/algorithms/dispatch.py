@@ -11,6 +11,7 @@ import torch
 from ..core.patterns import Pattern
 from ..core.stage_keys import PRUNER_KEYS
 from .admm import admm_prune, dense_admm, masked_admm
+from .alps import alps_prune
 from .fista import fista
 from .least_squares import masked_least_squares
 from .magnitude import magnitude_prune
@@ -25,9 +26,9 @@ def prune(method: str, W: torch.Tensor, pattern: Pattern, settings: Mapping, *, 
           W_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pruner, with its keys of the `prune` section (`settings`). `hessian` is E[x xᵀ] of the layer's
     inputs (Wanda uses its diagonal). `W_start`: the weights to prune when they differ from the target W,
-    e.g. SDS's second prune (start from the reconstructed weights, fit the dense ones). ADMM uses both: its
-    mask selection starts from W_start, its weight update fits W. The other pruners have no separate target
-    and prune W_start."""
+    e.g. SDS's second prune (start from the reconstructed weights, fit the dense ones). ADMM and ALPS use
+    both: their iterates start from W_start, their weight updates fit W. The other pruners have no separate
+    target and prune W_start."""
     if method not in PRUNER_KEYS:
         raise ValueError(f"unknown pruner {method!r}; expected one of {', '.join(PRUNERS)}")
     source = W if W_start is None else W_start
@@ -39,6 +40,11 @@ def prune(method: str, W: torch.Tensor, pattern: Pattern, settings: Mapping, *, 
         return wanda_prune(source, torch.diagonal(hessian), pattern)
     if method == "sparsegpt":
         return sparsegpt_prune(source, hessian, pattern, blocksize=settings["blocksize"], percdamp=settings["percdamp"])
+    if method == "alps":
+        return alps_prune(W, hessian, pattern, iters=settings["alps_iters"], rho=settings["alps_rho"],
+                          rho_growth=settings["alps_rho_growth"], pcg_iters=settings["alps_pcg_iters"],
+                          percdamp=settings["alps_percdamp"], damping=settings["alps_damping"],
+                          W_start=W_start)
     return admm_prune(W, hessian, pattern, iters=settings["admm_iters"], gradual_iters=settings["admm_gradual_iters"],
                       percdamp=settings["admm_percdamp"], W_start=W_start)
 

@@ -19,6 +19,8 @@ PRUNER_KEYS = {
     "wanda": (),
     "sparsegpt": ("prune.blocksize", "prune.percdamp"),
     "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp"),
+    "alps": ("prune.alps_iters", "prune.alps_rho", "prune.alps_rho_growth", "prune.alps_pcg_iters",
+             "prune.alps_percdamp", "prune.alps_damping"),
 }
 
 # The `prune` keys prune1 reads to turn OWL's outlier fractions into per-layer ratios (with sparsity_profile
