@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def setting_name(l1: float, l2: float) -> str:
-    return f"l1_{l1:g}_l2_{l2:g}"
+    # no '.' in the name: core.stage_keys addresses a setting's keys as dotted paths
+    return f"l1_{l1:g}_l2_{l2:g}".replace(".", "p")
 
 
 def mean_density(layers_json: Path) -> float:
