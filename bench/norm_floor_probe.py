@@ -1,4 +1,4 @@
-"""Probe behind the floor on ADMM's input norms (`prune.admm_norm_floor`, default 0.1; the pipeline applies it
+"""Probe behind the floor on ADMM's input norms (`prune.admm_norm_floor`, default 0.3; the pipeline applies it
 in every ADMM path): how large ADMM pruning makes weights on input channels that are nearly dead in the
 calibration data, and how a floor on the input norms removes that growth without costing error, on REAL
 statistics of SmolLM2-135M (captured as in bench/solver_bench.py).
