@@ -115,9 +115,12 @@ def test_the_check_line_flags_every_linear_over_twice_the_dense_maximum(run):
     section = _section(_report(run))
     assert "**Check passed**" not in section
     assert (f"**Check FAILED**: 2 linears hold a weight over 2× the dense layer's largest: sparsegpt 2:4 SDS "
-            f"(default) `{linear_label(names[4])}` 77.0×; sparsegpt 2:4 SDS (default) `{linear_label(names[9])}` "
-            "2.5×.") in section
+            f"(default) `{linear_label(names[4])}` 77.00×; sparsegpt 2:4 SDS (default) `{linear_label(names[9])}` "
+            "2.50×.") in section
     assert {r[3]: r[8] for r in _rows(section)}["SDS"] == "2"
+    _set_figures(by_stage["sds"], lambda k: 0.5, lambda k: 2.01 if k == 0 else 1.0)
+    assert f"**Check FAILED**: 1 linear holds a weight over 2× the dense layer's largest: sparsegpt 2:4 SDS " \
+           f"(default) `{linear_label(names[0])}` 2.01×." in _section(_report(run))
     assert "70.0 % non-zero weights on average, the first prune's 50.0 %: denser than the first prune" in section
 
 

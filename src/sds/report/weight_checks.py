@@ -46,10 +46,10 @@ def _check_line(found: list[WeightFigures]) -> str:
                 f"{STAGE_LABELS.get(f.stage, f.stage)}).")
     over.sort(key=lambda item: -item[2])
     shown = "; ".join(f"{f.method} {f.pattern} {STAGE_LABELS.get(f.stage, f.stage)}{f' ({f.recon})' if f.recon else ''} "
-                      f"`{linear_label(name)}` {r:.1f}×" for f, name, r in over[:10])
+                      f"`{linear_label(name)}` {r:.2f}×" for f, name, r in over[:10])
     more = f" and {len(over) - 10} more" if len(over) > 10 else ""
-    return (f"**Check FAILED**: {len(over)} linears hold a weight over {BLOWUP:g}× the dense layer's largest: "
-            f"{shown}{more}.")
+    count = "1 linear holds" if len(over) == 1 else f"{len(over)} linears hold"
+    return f"**Check FAILED**: {count} a weight over {BLOWUP:g}× the dense layer's largest: {shown}{more}."
 
 
 def _dense_phase_lines(found: list[WeightFigures]) -> list[str]:
