@@ -16,7 +16,9 @@ W' = W·diag(d) and H' = diag(d)⁻¹ H diag(d)⁻¹, which has a unit diagonal,
 the magnitude |W'_ij| = |W_ij|·‖x_j‖ is the Wanda score the mask selection uses. Inputs with H_jj = 0
 ("dead", never active in the calibration data) get d_j = 1; they carry no signal (see masks.py).
 
-`norm_floor` c lifts every live d_j to at least c·median(live d). Without it a nearly silent input (H_jj
+`norm_floor` c lifts every live d_j to at least c·median(live d) (H' then has diagonal entries below 1
+where d was lifted, and the scaled-space ridges λ‖(W − W_d)·diag(d)‖² hold those weights near the dense
+ones: that is the point). Without it a nearly silent input (H_jj
 tiny but > 0: SmolLM2-135M's RMSNorm has channels with d ≈ 1e-4 against a median of 0.14) gets its
 weights divided by d_j on the way back, so a moderate scaled-space value becomes a weight up to 77× the
 dense layer's largest; c = 0.1 removed that growth at the same calibration and held-out errors to four
