@@ -19,9 +19,10 @@ from sds.core.config import defaults as _defaults  # noqa: E402
 DEFAULTS = _defaults()
 PRUNE, PRUNE2, RECON = DEFAULTS["prune"], DEFAULTS["prune2"], DEFAULTS["reconstruct"]["default"]
 ADMM_PRUNER = {"iters": PRUNE["admm_iters"], "gradual_iters": PRUNE["admm_gradual_iters"],
-               "percdamp": PRUNE["admm_percdamp"]}
-DENSE_ADMM = {"iters": RECON["iters"], "rho": RECON["rho"]}
-MASKED_ADMM = {"iters": PRUNE2["adjust_iters"], "percdamp": PRUNE2["admm_percdamp"]}
+               "percdamp": PRUNE["admm_percdamp"], "norm_floor": PRUNE["admm_norm_floor"]}
+DENSE_ADMM = {"iters": RECON["iters"], "rho": RECON["rho"], "norm_floor": RECON["norm_floor"]}
+MASKED_ADMM = {"iters": PRUNE2["adjust_iters"], "percdamp": PRUNE2["admm_percdamp"],
+               "norm_floor": PRUNE2["admm_norm_floor"]}
 
 
 def pytest_itemcollected(item):

@@ -152,13 +152,14 @@ def test_layer_metrics_are_series_over_decoder_layers():
              "mlp.up_proj", "mlp.down_proj"}
     for model, kinds in ((tiny_opt(layers=3), opt), (tiny_llama(layers=3), llama)):
         names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-        infos = {n: {"rel_error": 0.01 * i, "rel_error_before": 0.02 * i, "fallback": True}
-                 for i, n in enumerate(names)}
+        infos = {n: {"rel_error": 0.01 * i, "rel_error_before": 0.02 * i, "fallback": True, "density": 0.5,
+                     "max_abs_ratio": 1.0 + i, "near_zero": 0.1} for i, n in enumerate(names)}
         metrics = layer_metrics(infos, "prune2")
         series = [(k, v, step) for k, v, step in metrics if k.startswith("by_layer/")]
         summary = {k: v for k, v, step in metrics if not k.startswith("by_layer/")}
-        assert {k for k, _, _ in series} == {f"by_layer/{q}.prune2.{kind}" for q in ("rel_error", "rel_error_before")
-                                             for kind in kinds}
+        assert {k for k, _, _ in series} == {f"by_layer/{q}.prune2.{kind}" for kind in kinds for q in
+                                             ("rel_error", "rel_error_before", "density", "max_abs_ratio")}
+        assert summary["max_abs_ratio.prune2.max"] == len(names)  # the last linear's 1 + i
         for key in {k for k, _, _ in series}:
             assert sorted(step for k, _, step in series if k == key) == [0, 1, 2]
         for i, name in enumerate(names):

@@ -3,11 +3,12 @@
 ONE_SHOT = ("prune1", "prune1_adjust")
 EVALS = [L.evaluation()] + [L.evaluation(m, p, s) for m in METHODS for p in PATTERNS for s in ONE_SHOT]
 EVALS += [L.evaluation(m, p, "sds", r) for m in METHODS for p in PATTERNS for r in RECONS]
-# Every sparse checkpoint folder (its layers.json: per-linear errors by stage), and the first method and
-# pattern's dense reconstruction (for the weight histograms, drawn for the first folder's method and pattern).
+# Every checkpoint folder (its layers.json: per-linear errors, densities and weight range by stage), the
+# dense reconstructions too (once per distinct dense phase): whether the dense phase is dense is the report's
+# question, and the first method and pattern's are drawn in the weight histograms.
 CKPTS = [L.checkpoint(m, p, s) for m in METHODS for p in PATTERNS for s in ONE_SHOT]
 CKPTS += [L.sds(m, p, r) for m in METHODS for p in PATTERNS for r in RECONS]
-CKPTS += [L.reconstruct(METHODS[0], PATTERNS[0], RECON_SOURCE[RECONS[0]])]
+CKPTS += [L.reconstruct(m, p, r) for m in METHODS for p in PATTERNS for r in dict.fromkeys(RECON_SOURCE.values())]
 
 DENSE_NEEDED = ADJUST_NEEDS_DENSE or any(recon_needs_dense(r) for r in RECONS)
 BENCHMARKS = [L.benchmark(s) for s in (["corpus", "build_model"] if BUILTIN else []) + ["calibration", "layer_inputs"]

@@ -16,6 +16,16 @@ W' = W·diag(d) and H' = diag(d)⁻¹ H diag(d)⁻¹, which has a unit diagonal,
 the magnitude |W'_ij| = |W_ij|·‖x_j‖ is the Wanda score the mask selection uses. Inputs with H_jj = 0
 ("dead", never active in the calibration data) get d_j = 1; they carry no signal (see masks.py).
 
+`norm_floor` c lifts every live d_j to at least c·median(live d) (H' then has diagonal entries below 1
+where d was lifted, and the scaled-space ridges λ‖(W − W_d)·diag(d)‖² hold those weights near the dense
+ones: that is the point). Without it a nearly silent input (H_jj
+tiny but > 0: SmolLM2-135M's RMSNorm has channels with d ≈ 1e-4 against a median of 0.14) gets its
+weights divided by d_j on the way back, so a moderate scaled-space value becomes a weight up to 77× the
+dense layer's largest; c = 0.1 removed that growth at the same calibration and held-out errors to four
+digits (bench/norm_floor_probe.py), but the built-in OPT's fc2 (ReLU inputs, d down to 0.05 × median) still
+reached 4.5× at 0.1 and 1.5× at 0.3 for a calibration error within 3 %, hence the pipeline's 0.3
+(docs/performance.md). c = 0 is the scaled space of Boža's code.
+
 All tensors are created on the input's device; computation is float32.
 """
 from __future__ import annotations
@@ -30,10 +40,14 @@ from .masks import dead_inputs, keep_dead_values, remove_lowest
 from .objective import LinearStats, target_product
 
 
-def _input_norms(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d, dead): d_j = √H_jj, 1 for dead inputs."""
+def _input_norms(H: torch.Tensor, norm_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, dead): d_j = max(√H_jj, norm_floor·median of the live inputs' √H_jj), 1 for dead inputs."""
+    if norm_floor < 0:
+        raise ValueError(f"the input-norm floor must be >= 0, got {norm_floor}")
     dead = dead_inputs(H)
     d = torch.diagonal(H).clamp_min(0).sqrt()
+    if norm_floor > 0 and not bool(dead.all()):
+        d = d.clamp_min(norm_floor * float(d[~dead].median()))
     return torch.where(dead, torch.ones_like(d), d), dead
 
 
@@ -112,12 +126,12 @@ def select_mask(scores: torch.Tensor, pattern: Pattern, sparsity: float) -> torc
     return keep.reshape(rows, cols)
 
 
-def damped_scaled_problem(Wd: torch.Tensor, H: torch.Tensor, percdamp: float
+def damped_scaled_problem(Wd: torch.Tensor, H: torch.Tensor, percdamp: float, norm_floor: float = 0.0
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A, C, d, dead) of the pruners' objective ‖(W' − W_d')·A^½‖² in the scaled space (module docstring):
     A = H' + λI, λ = percdamp·mean diag H' (the dampening, pulling towards W_d), C = W_d' A. Shared by the
-    ADMM and ALPS pruners."""
-    d, dead = _input_norms(H)
+    ADMM and ALPS pruners; `norm_floor`: see _input_norms."""
+    d, dead = _input_norms(H, norm_floor)
     Hs = _scaled_hessian(H, d)
     damp = percdamp * float(torch.diagonal(Hs).mean())
     A = Hs + damp * torch.eye(Hs.shape[0], dtype=Hs.dtype, device=Hs.device)
@@ -126,7 +140,7 @@ def damped_scaled_problem(Wd: torch.Tensor, H: torch.Tensor, percdamp: float
 
 def admm_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int, gradual_iters: int,
                percdamp: float, rho: float = 1.0, W_start: torch.Tensor | None = None, gradual: bool = True,
-               final: str = "project") -> tuple[torch.Tensor, torch.Tensor]:
+               final: str = "project", norm_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ADMM weight update with gradual mask selection (Boža 2024): min ‖X(W − W_d)‖² s.t. W on `pattern`.
 
     In the scaled space (module docstring) with A = H' + λI (λ = percdamp·mean diag H', the reference's
@@ -137,14 +151,15 @@ def admm_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int
     (W' = W_start' instead of W_d'), the target staying W = W_d — SDS's second prune from the
     reconstructed weights. `final`: "project" returns the last Z = (W' + U)⊙mask (the reference),
     "exact" the exact masked least squares on the final mask (costly on wide layers), with ridge `percdamp`.
-    Returns (W_new, keep_mask), W_new on the pattern exactly (see masks.py for dead inputs).
+    `norm_floor`: the floor on the input norms (module docstring). Returns (W_new, keep_mask), W_new on the
+    pattern exactly (see masks.py for dead inputs).
     """
     if iters < 1:
         raise ValueError(f"ADMM pruning needs iters >= 1, got {iters}")
     Wd = W.detach().float()
     start = Wd if W_start is None else W_start.detach().float().to(Wd.device)
     H = H.detach().float().to(Wd.device)
-    A, C, d, dead = damped_scaled_problem(Wd, H, percdamp)
+    A, C, d, dead = damped_scaled_problem(Wd, H, percdamp, norm_floor)
     selection_steps = min(max(gradual_iters, 1), iters)
     mask_holder: list[torch.Tensor] = []
 
@@ -170,10 +185,10 @@ def admm_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int
 # --- the dense phase and the fixed-mask adjustment ------------------------------------------------------------
 
 
-def _scaled_problem(W_dense: torch.Tensor, stats: LinearStats, ridge: float):
+def _scaled_problem(W_dense: torch.Tensor, stats: LinearStats, ridge: float, norm_floor: float):
     """(A, C, d, dead) of E(W) + ridge·‖W‖² in the scaled space: ‖W‖² = ‖W' diag(d)⁻¹‖²."""
     H = stats.H.float()
-    d, dead = _input_norms(H)
+    d, dead = _input_norms(H, norm_floor)
     A = _scaled_hessian(H, d)
     if ridge:
         A = A + torch.diag(ridge / d ** 2)
@@ -182,16 +197,17 @@ def _scaled_problem(W_dense: torch.Tensor, stats: LinearStats, ridge: float):
 
 
 def dense_admm(W_init: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, *, iters: int, rho: float,
-               l1: float = 0.0, l2: float = 0.0, l1_weights: torch.Tensor | None = None) -> torch.Tensor:
+               l1: float = 0.0, l2: float = 0.0, l1_weights: torch.Tensor | None = None,
+               norm_floor: float = 0.0) -> torch.Tensor:
     """Minimises the dense phase's objective E(W) + s·(l1·‖Ω ⊙ W‖₁ + l2·‖W‖²) (the one `fista` minimises,
     s = stats.scale) by ADMM from W_init: one factorisation, `iters` steps of one matrix product each.
     The returned W is the last soft-thresholded iterate (exact zeros where the L1 term wins, as FISTA's).
     Dead input columns (H_jj = 0) keep W_dense's value: the fit does not depend on them.
     `rho` is in units of the scaled Hessian's unit diagonal; 0.3 with 30 steps reached FISTA-2000's
     objective within 0.1 % on SmolLM2-135M's linears for l1 from 0.002 to 0.05 (smaller l1 prefers a
-    smaller rho)."""
+    smaller rho). `norm_floor`: the floor on the input norms (module docstring)."""
     s = stats.scale
-    A, C, d, dead = _scaled_problem(W_dense, stats, l2 * s)
+    A, C, d, dead = _scaled_problem(W_dense, stats, l2 * s, norm_floor)
     W0 = W_init.detach().float().to(A.device) * d
     if l1 > 0:
         weights = torch.ones_like(W0) if l1_weights is None else l1_weights.float().to(A.device)
@@ -213,7 +229,8 @@ def dense_admm(W_init: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, 
 
 
 def masked_admm(W_dense: torch.Tensor, stats: LinearStats, mask: torch.Tensor, W_init: torch.Tensor | None = None, *,
-                iters: int, percdamp: float, rho: float = 0.3, ridge_to: str = "dense") -> torch.Tensor:
+                iters: int, percdamp: float, rho: float = 0.3, ridge_to: str = "dense",
+                norm_floor: float = 0.0) -> torch.Tensor:
     """The fixed-mask adjustment min E(W) + λ‖W − W₀‖² s.t. W = 0 outside `mask` by ADMM from W_init
     (default W_dense on the mask): one (in × in) factorisation for the whole matrix instead of one (k × k)
     system per row. `ridge_to` "zero": W₀ = 0, λ = percdamp·mean diag H, the objective of
@@ -221,14 +238,14 @@ def masked_admm(W_dense: torch.Tensor, stats: LinearStats, mask: torch.Tensor, W
     λ = percdamp (ADMM pruning's dampening). Kept positions of dead inputs get W_dense's value (the exact
     solution leaves them at 0, an extra zero). Measured on SmolLM2-135M (bench/solver_bench.py): 20 steps
     match the exact solution of the "zero" objective; the "dense" ridge generalises better to held-out
-    inputs, hence the defaults."""
+    inputs, hence the defaults. `norm_floor`: the floor on the input norms (module docstring)."""
     H = stats.H.float()
     keep = mask.to(H.device).bool()
     Wd = W_dense.detach().float().to(H.device)
     if ridge_to == "zero":
-        A, C, d, dead = _scaled_problem(Wd, stats, percdamp * stats.scale)
+        A, C, d, dead = _scaled_problem(Wd, stats, percdamp * stats.scale, norm_floor)
     elif ridge_to == "dense":
-        A, C, d, dead = _scaled_problem(Wd, stats, 0.0)
+        A, C, d, dead = _scaled_problem(Wd, stats, 0.0, norm_floor)
         damp = percdamp * float(torch.diagonal(A).mean())
         A = A + damp * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
         C = C + damp * Wd * d

@@ -93,11 +93,12 @@ def masked_pcg(A: torch.Tensor, C: torch.Tensor, keep: torch.Tensor, X: torch.Te
 
 def alps_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int, rho: float,
                rho_growth: Sequence[float], pcg_iters: int, percdamp: float, damping: str = "scaled",
-               W_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               W_start: torch.Tensor | None = None, norm_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ALPS (module docstring): min ‖X(W − W_d)‖² + dampening s.t. W on `pattern`, by at most `iters` ADMM
     steps from penalty `rho` (growth factors `rho_growth`, three), then `pcg_iters` PCG steps on the
     final support, dampening `percdamp` where `damping` says. `W_start`: where the iterates start (W_d
-    otherwise), the target staying W = W_d (as admm_prune). Returns (W_new, keep_mask), W_new on the
+    otherwise), the target staying W = W_d (as admm_prune). `norm_floor`: the floor on the scaled space's
+    input norms (admm._input_norms: no weight blow-up on nearly silent inputs). Returns (W_new, keep_mask), W_new on the
     pattern exactly (see masks.py for dead inputs)."""
     if iters < 1:
         raise ValueError(f"ALPS needs iters >= 1, got {iters}")
@@ -107,11 +108,11 @@ def alps_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, *, iters: int
     start = Wd if W_start is None else W_start.detach().float().to(Wd.device)
     H = H.detach().float().to(Wd.device)
     if damping == "scaled":
-        A, C, d, dead = damped_scaled_problem(Wd, H, percdamp)
+        A, C, d, dead = damped_scaled_problem(Wd, H, percdamp, norm_floor)
     elif damping == "inputs":
         ridge = percdamp * float(torch.diagonal(H).mean())
         eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        A, C, d, _ = damped_scaled_problem(Wd, H + ridge * eye, 0.0)
+        A, C, d, _ = damped_scaled_problem(Wd, H + ridge * eye, 0.0, norm_floor)
         dead = dead_inputs(H)
     else:
         raise ValueError(f"unknown ALPS damping {damping!r}; expected 'scaled' or 'inputs'")

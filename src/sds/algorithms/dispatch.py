@@ -44,9 +44,9 @@ def prune(method: str, W: torch.Tensor, pattern: Pattern, settings: Mapping, *, 
         return alps_prune(W, hessian, pattern, iters=settings["alps_iters"], rho=settings["alps_rho"],
                           rho_growth=settings["alps_rho_growth"], pcg_iters=settings["alps_pcg_iters"],
                           percdamp=settings["alps_percdamp"], damping=settings["alps_damping"],
-                          W_start=W_start)
+                          W_start=W_start, norm_floor=settings["alps_norm_floor"])
     return admm_prune(W, hessian, pattern, iters=settings["admm_iters"], gradual_iters=settings["admm_gradual_iters"],
-                      percdamp=settings["admm_percdamp"], W_start=W_start)
+                      percdamp=settings["admm_percdamp"], W_start=W_start, norm_floor=settings["admm_norm_floor"])
 
 
 def dense_reconstruction(W_init: torch.Tensor, W_dense: torch.Tensor, stats: LinearStats, settings: Mapping, *,
@@ -57,7 +57,7 @@ def dense_reconstruction(W_init: torch.Tensor, W_dense: torch.Tensor, stats: Lin
     solver = settings["solver"]
     if solver == "admm":
         return dense_admm(W_init, W_dense, stats, iters=settings["iters"], rho=settings["rho"], l1=settings["l1"],
-                          l2=settings["l2"], l1_weights=l1_weights)
+                          l2=settings["l2"], l1_weights=l1_weights, norm_floor=settings["norm_floor"])
     if solver == "fista":
         return fista(W_init, W_dense, stats, steps=settings["steps"], l1=settings["l1"], l2=settings["l2"],
                      l1_weights=l1_weights)
@@ -81,5 +81,6 @@ def adjust(W_dense: torch.Tensor, stats: LinearStats, mask: torch.Tensor, W_init
         return fista(W_init, W_dense, stats, steps=settings["adjust_steps"], mask=mask)
     if solver == "admm":
         return masked_admm(W_dense, stats, mask, W_init, iters=settings["adjust_iters"],
-                           percdamp=settings["admm_percdamp"], ridge_to="dense")
+                           percdamp=settings["admm_percdamp"], ridge_to="dense",
+                           norm_floor=settings["admm_norm_floor"])
     raise ValueError(f"unknown adjustment solver {solver!r}; expected 'exact', 'fista', 'admm' or 'none'")

@@ -18,9 +18,9 @@ PRUNER_KEYS = {
     "magnitude": (),
     "wanda": (),
     "sparsegpt": ("prune.blocksize", "prune.percdamp"),
-    "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp"),
+    "admm": ("prune.admm_iters", "prune.admm_gradual_iters", "prune.admm_percdamp", "prune.admm_norm_floor"),
     "alps": ("prune.alps_iters", "prune.alps_rho", "prune.alps_rho_growth", "prune.alps_pcg_iters",
-             "prune.alps_percdamp", "prune.alps_damping"),
+             "prune.alps_percdamp", "prune.alps_damping", "prune.alps_norm_floor"),
 }
 
 # The `prune` keys prune1 reads to turn OWL's outlier fractions into per-layer ratios (with sparsity_profile
@@ -30,11 +30,11 @@ OWL_KEYS = ("prune.owl_lambda",)
 
 # Keys of a `reconstruct` setting that the dense phase reads (its `prune2` overrides are the second prune's).
 DENSE_PHASE_KEYS = ("granularity", "inputs", "target", "l1", "l2", "l1_pruned_weight", "solver", "iters", "rho",
-                    "steps")
+                    "norm_floor", "steps")
 
 # Keys of the `prune2` section (and of a setting's `prune2` overrides) that the post-prune adjustment reads.
 ADJUST_KEYS = ("prune2.adjust", "prune2.adjust_steps", "prune2.adjust_iters", "prune2.admm_percdamp",
-               "prune2.adjust_target", "prune2.percdamp")
+               "prune2.admm_norm_floor", "prune2.adjust_target", "prune2.percdamp")
 
 # Read by every stage, never a reason to re-run: the run's name and the results root (where its outputs go),
 # MLflow's settings, and trust_remote_code (the allow-listed architectures load with transformers' own

@@ -62,6 +62,16 @@ class MaskReader:
         self.file.close()
 
 
+def dense_maxima(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Linear name → max|W_dense|: what `CheckpointWriter.add` compares each written weight with."""
+    return {name: float(W.detach().abs().max()) for name, W in weights.items()}
+
+
+def max_abs_ratio(weight: torch.Tensor, dense_max: float) -> float:
+    """max|W| / max|W_dense| (0 for an all-zero dense weight: no scale to compare with)."""
+    return float(weight.detach().abs().max()) / dense_max if dense_max > 0 else 0.0
+
+
 class CheckpointWriter:
     """weights.safetensors (every decoder linear of `layers`), masks.safetensors (with `masks`) and
     layers.json, written layer by layer. Also counts each layer's exact zeros (the model card's sparsity)."""
@@ -75,17 +85,23 @@ class CheckpointWriter:
             {"mask_format": MASK_FORMAT, "columns": json.dumps({k: shape[1] for k, (_, shape) in specs.items()})}
         ) if masks else None
 
-    def add(self, i: int, layer_infos: dict[str, dict]) -> None:
-        """Writes decoder layer i's current linear weights (and the masks in `layer_infos`)."""
+    def add(self, i: int, layer_infos: dict[str, dict], dense_max: dict[str, float]) -> None:
+        """Writes decoder layer i's current linear weights (and the masks in `layer_infos`). Each linear's
+        info gains what its written weights hold: `density` (non-zero fraction) and `max_abs_ratio`,
+        max|W| / max|W_dense| (`dense_max`: linear name → max|W_dense|), so a weight blow-up or a dense
+        phase that is not dense shows in layers.json."""
         zeros = total = 0
         for name, full in self.lm.linear_names(i).items():
             weight = self.lm.layers[i].get_submodule(name).weight.detach()
             self.weights.write(full, weight)
-            zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+            nonzero = int(torch.count_nonzero(weight))
+            zeros, total = zeros + weight.numel() - nonzero, total + weight.numel()
             info = dict(layer_infos[name])
             mask = info.pop("mask", None)
             if self.masks is not None:
                 self.masks.write(full, pack_mask(mask))
+            info["density"] = nonzero / weight.numel()
+            info["max_abs_ratio"] = max_abs_ratio(weight, dense_max[name])
             self.infos[full] = info
         self.zeros[i] = (zeros, total)
 

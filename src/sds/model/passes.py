@@ -19,7 +19,7 @@ from ..core.layout import STREAM, WORK, layer_file, stats_file
 from ..core.runtime import Progress, release_memory
 from ..storage.parquet import ParquetTensorWriter
 from ..storage.safetensors import load_tensors_with_metadata, save_tensors
-from .checkpoints import CheckpointWriter
+from .checkpoints import CheckpointWriter, dense_maxima
 from .decoder import capture_layer_inputs, clone_layer, find_linears
 from .loading import LayerwiseModel
 from .statistics import StatsAccumulator, collect_stats, propagate, update_layer
@@ -167,9 +167,10 @@ def sequential_pass(config: dict, lm: LayerwiseModel, nsamples: int, seqlen: int
                 stats_saves.wait()  # the previous layer's tensors are written out before this layer's are made
                 stats_saves.submit(save_tensors, layer_file(stats_out, i, ".safetensors"), *acc.to_tensors())
             infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
+            dense_max = dense_maxima(dense_weights)
             acc = dense_layer = dense_weights = None  # freed before the propagation pass
             stream.advance(propagate(layer, stream, kwargs, layer_name=f"layer {i}"), i + 1)
-            checkpoint.add(i, infos)
+            checkpoint.add(i, infos, dense_max)
             lm.release(i)
             release_memory(lm.device)
             errors = [v["rel_error"] for v in infos.values() if "rel_error" in v]
@@ -224,7 +225,7 @@ def refit_layers(lm: LayerwiseModel, layers: list[int], settings: dict, update: 
         dense_weights = {n: m.weight.detach().clone() for n, m in find_linears(layer).items()}
         acc = layer_statistics(lm, i, settings, dense_dir=dense_dir, prune1_dir=prune1_dir, kwargs=kwargs, batch=batch)
         infos = update_layer(layer, acc, lambda n, W, stats: update(i, names[n], W, dense_weights[n], stats))
-        checkpoint.add(i, infos)
+        checkpoint.add(i, infos, dense_maxima(dense_weights))
         lm.release(i)
         release_memory(lm.device)
         progress(done, extra=f"decoder layer {i}")

@@ -178,12 +178,16 @@ def histogram_caption(tensors: dict) -> str:
         kept, now = first != 0, W != 0
         filled, removed = int((now & ~kept).sum()), int((kept & ~now).sum())
         net = nonzero[name] - nonzero["prune1"]
-        overall = (f"{net:,} more non-zeros than the first prune" if net > 0 else
-                   f"{-net:,} fewer non-zeros than the first prune" if net < 0 else
+        overall = (f"{net:,} more non-zeros than the first prune (denser)" if net > 0 else
+                   f"{-net:,} fewer non-zeros than the first prune (sparser, not re-filled)" if net < 0 else
                    "as many non-zeros as the first prune")
-        text += (f" {verb} re-filled {filled:,} of the {total - nonzero['prune1']:,} positions the first prune "
-                 f"removed and set {removed:,} of the {nonzero['prune1']:,} weights it kept to zero: {overall}.")
-    return text
+        # the verdict first: a few re-filled positions must not read as "the dense phase re-fills"
+        text += (f" {verb} holds {overall}, {100 * nonzero[name] / total:.1f} % non-zero against "
+                 f"{100 * nonzero['prune1'] / total:.1f} %: it re-filled {filled:,} of the "
+                 f"{total - nonzero['prune1']:,} positions the first prune removed and set {removed:,} of the "
+                 f"{nonzero['prune1']:,} weights it kept to zero.")
+    return text + (" Every linear's density per checkpoint: the section *Density and weight range of the linears*."
+                   if "prune1" in found else "")
 
 
 def _dense_tensor(model_dir, wanted) -> tuple[str | None, object]:

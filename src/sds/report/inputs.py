@@ -1,6 +1,6 @@
 """What the report reads: evaluation JSONs, each job's measured seconds (beside Snakemake's benchmark
 files), the checkpoint folders (which (method, pattern, setting, stage) each holds, from core.layout; their
-per-linear errors) and the bytes each stage's output takes on disk."""
+per-linear errors, densities and max|W| / max|W_dense|) and the bytes each stage's output takes on disk."""
 from __future__ import annotations
 
 import csv
@@ -89,6 +89,36 @@ def sparsity_profiles(checkpoints: list[Checkpoint]) -> dict[tuple[str, str], di
         if summary.get("layer_sparsity"):
             out[(ckpt.method, ckpt.pattern)] = {k: summary[k] for k in ("sparsity_profile", "layer_sparsity", "owl")
                                                 if k in summary}
+    return out
+
+
+@dataclass(frozen=True)
+class WeightFigures:
+    """What one checkpoint's linears hold (its layers.json): each one's density (non-zero fraction) and
+    max|W| / max|W_dense| (`max_abs_ratio`), by full weight name."""
+    method: str
+    pattern: str
+    stage: str
+    recon: str
+    density: dict[str, float]
+    max_abs_ratio: dict[str, float]
+
+
+def weight_figures(checkpoints: list[Checkpoint]) -> list[WeightFigures]:
+    """Every checkpoint's per-linear density and max|W| / max|W_dense|, the dense reconstruction's too
+    (whether the dense phase is dense is its question); checkpoints written before layers.json recorded
+    them are left out."""
+    out = []
+    for ckpt in checkpoints:
+        path = ckpt.path / LAYERS
+        if not path.is_file():
+            continue
+        linears = {name: info for name, info in read_json(path).get("linears", {}).items()
+                   if "density" in info and "max_abs_ratio" in info}
+        if linears:
+            out.append(WeightFigures(ckpt.method, ckpt.pattern, ckpt.stage, ckpt.recon,
+                                     {n: float(i["density"]) for n, i in linears.items()},
+                                     {n: float(i["max_abs_ratio"]) for n, i in linears.items()}))
     return out
 
 

@@ -1,7 +1,7 @@
 """The report: a Markdown table and CSVs of every evaluated checkpoint, seconds and bytes on disk per stage
-(from Snakemake's benchmark files and the outputs the layout names) and the figures (`figures`): perplexity
-increase over dense, per-linear relative errors by stage, zero-shot accuracy, seconds per stage, weight
-histograms."""
+(from Snakemake's benchmark files and the outputs the layout names), each checkpoint's linear densities and
+weight range against the dense layers' (`weight_checks`) and the figures (`figures`): perplexity increase over
+dense, per-linear relative errors by stage, zero-shot accuracy, seconds per stage, weight histograms."""
 from __future__ import annotations
 
 import csv
@@ -15,10 +15,11 @@ from ..storage.atomic import atomic_path, exclusive
 from ..storage.documents import write_text
 from .figures import figures
 from .inputs import (benchmark_seconds, checkpoint_of, layer_errors, model_weights_bytes, output_bytes, read_evals,
-                     sparsity_profiles, stage_outputs)
+                     sparsity_profiles, stage_outputs, weight_figures)
 from .plots import STAGE_ORDER, LayerErrors, make_series, percent_text, save_png
 from .stage_plots import job_order
 from .webpage import report_html
+from .weight_checks import weight_section
 
 SUMMARY_COLUMNS = ["run", "model", "method", "pattern", "stage", "recon", "dataset", "ppl", "sparsity"]
 
@@ -103,6 +104,7 @@ def build_report(config: dict, evals: list[str], benchmarks: list[str], out: Pat
     lines += _profile_section(sparsity_profiles(ckpts), results)
     lines += _layer_error_section(errors)
     lines += figure_lines("layer_errors.png")
+    lines += weight_section(weight_figures(ckpts))
     zs_rows = _zeroshot_rows(config, model, results)
     with atomic_path(out / "zeroshot.csv") as tmp:
         tmp.write_text(_csv_text(zs_rows, ZEROSHOT_COLUMNS))

@@ -48,8 +48,13 @@ def headline_metrics(result: dict) -> dict[str, float]:
     return out
 
 
+# per-linear figures of the written weights (model.checkpoints.CheckpointWriter) logged beside the errors
+WEIGHT_FIGURES = ("density", "max_abs_ratio")
+
+
 def layer_metrics(infos: dict, stage: str) -> list[tuple[str, float, int]]:
-    """Per-linear quantities (every `rel_error*` entry) of a layer-by-layer stage:
+    """Per-linear quantities (every `rel_error*` entry, and what the checkpoint's weights hold: `density`, the
+    non-zero fraction, and `max_abs_ratio`, max|W| / max|W_dense|) of a layer-by-layer stage:
     - `by_layer/<quantity>.<stage>.<linear kind>`, one value per decoder layer, step = the layer index (the
       UI's x axis says "Step": the `by_layer/` section of its charts says what a step is);
     - `<quantity>.<stage>.<linear kind>.mean|max` over the layers and `<quantity>.<stage>.mean|max` over
@@ -65,7 +70,8 @@ def layer_metrics(infos: dict, stage: str) -> list[tuple[str, float, int]]:
         if kind and kind[-1] in ("weight", "bias"):
             kind = kind[:-1]
         for key, value in sorted(info.items()):
-            if key.startswith("rel_error") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (key.startswith("rel_error") or key in WEIGHT_FIGURES) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
                 series.append((f"{BY_LAYER}{key}.{stage}.{'.'.join(kind)}", float(value), layer))
                 for group in (f"{key}.{stage}.{'.'.join(kind)}", f"{key}.{stage}"):
                     groups.setdefault(group, []).append(float(value))
