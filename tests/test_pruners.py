@@ -259,7 +259,7 @@ def test_admm_prune_needs_an_iteration():
 # --- ALPS pruner --------------------------------------------------------------------------------------------
 
 ALPS = {"iters": PRUNE["alps_iters"], "rho": PRUNE["alps_rho"], "rho_growth": PRUNE["alps_rho_growth"],
-        "pcg_iters": PRUNE["alps_pcg_iters"], "percdamp": PRUNE["alps_percdamp"]}
+        "pcg_iters": PRUNE["alps_pcg_iters"], "percdamp": PRUNE["alps_percdamp"], "norm_floor": PRUNE["alps_norm_floor"]}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
