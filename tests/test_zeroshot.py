@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sds.core import tasksets
+from sds.tracking.entries import shown
 from sds.evaluation import zeroshot
 from sds.core.errors import ConfigError
 from sds.core.config import validate_config
@@ -302,7 +303,8 @@ def test_builtin_tasks_discriminate_dense_from_heavily_pruned(trained, monkeypat
     assert {t: r["n"] for t, r in dense["zeroshot"]["tasks"].items()} == {t: 150 for t in CHOICE_TASKS}
     assert dense["ppl"]["held_out"] < pruned["ppl"]["held_out"]
     metrics = dict(tracked)["evaluate/dense"]
-    assert metrics["zeroshot.mean.acc"] == d["acc"] and "zeroshot.sds_count.acc_norm" in metrics
+    # MLflow gets the figure as it shows it (rounded), the eval JSON keeps it exact
+    assert metrics["zeroshot.mean.acc"] == shown(d["acc"]) and "zeroshot.sds_count.acc_norm" in metrics
 
 
 # --- the report --------------------------------------------------------------------------------------------
