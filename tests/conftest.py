@@ -60,6 +60,22 @@ def tiny_opt(layers=2, hidden=32, ffn=64, heads=2, vocab=128, positions=64):
     return OPTForCausalLM(cfg).eval()
 
 
+def save_tiny_opt_folder(out: Path, *, documents: int, vocab: int, hidden: int, ffn: int) -> Path:
+    """A tiny random OPT (2 decoder layers) and a BPE tokenizer trained on generated text, saved at `out`
+    as an external model folder (safetensors)."""
+    from transformers import OPTForCausalLM
+
+    from sds.demo.builder import make_opt_config, train_tokenizer
+    from sds.demo.corpus import generate_corpus
+
+    tok = train_tokenizer(generate_corpus(documents, 0), vocab)
+    torch.manual_seed(0)
+    OPTForCausalLM(make_opt_config(tok, layers=2, hidden=hidden, ffn=ffn, heads=2, max_positions=128)) \
+        .save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def tiny_llama(layers=2, hidden=32, ffn=64, heads=4, vocab=128, positions=64):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import SHARED_ASSETS
+from conftest import SHARED_ASSETS, save_tiny_opt_folder
 from sds.core.config import validate_config
 from sds.demo.corpus import generate_corpus
 from sds.data.texts import join_lines, read_text_source, tokenize
@@ -58,17 +58,7 @@ def wikitext_rows_joined(path) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random OPT + a BPE tokenizer trained on generated text, saved like the pipeline's model."""
-    from transformers import OPTForCausalLM
-
-    from sds.demo.builder import make_opt_config, train_tokenizer
-
-    out = tmp_path_factory.mktemp("ppl") / "model"
-    tok = train_tokenizer(generate_corpus(100, 0), 512)
-    torch.manual_seed(0)
-    OPTForCausalLM(make_opt_config(tok, layers=2, hidden=32, ffn=64, heads=2, max_positions=128)) \
-        .save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_opt_folder(tmp_path_factory.mktemp("ppl") / "model", documents=100, vocab=512, hidden=32, ffn=64)
 
 
 def _stage_ppl(tmp_path, model_dir, datasets, corpus_dir=None, max_windows=None, seqlen=64):

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import ROOT
+from conftest import ROOT, save_tiny_opt_folder
 from sds.core import tasksets
 from sds.evaluation import zeroshot
 from sds.core.config import validate_config
@@ -63,17 +62,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random OPT (2 decoder layers) and a BPE tokenizer, saved as an external model folder."""
-    from transformers import OPTForCausalLM
-
-    from sds.demo.builder import make_opt_config, train_tokenizer
-
-    out = tmp_path_factory.mktemp("zs-cache") / "model"
-    tok = train_tokenizer(generate_corpus(60, 0), 400)
-    torch.manual_seed(0)
-    OPTForCausalLM(make_opt_config(tok, layers=2, hidden=16, ffn=32, heads=2, max_positions=128)) \
-        .save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_opt_folder(tmp_path_factory.mktemp("zs-cache") / "model", documents=60, vocab=400, hidden=16, ffn=32)
 
 
 def external(model_dir, tmp_path, **zeroshot) -> dict:
