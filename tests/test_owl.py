@@ -140,6 +140,10 @@ def test_micro_run_with_owl_prunes_every_layer_to_its_ratio(tmp_path):
     assert sum(ratios) / len(ratios) == pytest.approx(0.5, abs=1e-12)
     assert abs(ratios[0] - ratios[1]) > 0.05, "the micro model's layers differ in outliers: the ratios must differ"
     assert read_json(sds / "layers.json")["layer_sparsity"] == ratios
+    card = (sds / "model" / "README.md").read_text()  # the shipped card states the ratios too
+    assert "sparsity_profile: owl" in card
+    for i, ratio in enumerate(ratios):
+        assert f"| {i} | {ratio:.4f} |" in card
 
     for folder in (p1, sds):
         masks, weights = MaskReader(folder / "masks.safetensors", device="cpu"), \

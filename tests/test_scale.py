@@ -327,3 +327,50 @@ def test_a_stage_peak_memory_does_not_grow_with_depth(depth_runs, stage):
     extra_weights_mib = (DEPTHS[1] - DEPTHS[0]) * (4 * 384 * 384 + 3 * 384 * 1536) * 4 / 2**20  # ~90 MiB
     assert extra_weights_mib > 0.15 * peaks[DEPTHS[0]]  # the test can tell a whole model from one layer
     assert peaks[DEPTHS[1]] <= 1.10 * peaks[DEPTHS[0]], peaks
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_alps_with_owl_runs_on_a_bf16_sharded_folder(make, tmp_path):
+    """The ALPS pruner and the OWL profile on a model folder made elsewhere (bf16, sharded), through the
+    second prune: the SDS folder keeps the source's shards and dtype, every decoder layer is pruned to its
+    OWL ratio (mean the target) with exact zeros, each linear's density and largest weight are recorded
+    within 2x the dense one's, and the card states the ratios."""
+    from safetensors.torch import load_file
+
+    from sds.storage.documents import read_json
+
+    source = _save(make(), tmp_path / "models" / "src", shard="20KB")
+    assert len(list(source.glob("*.safetensors"))) > 1, "the source must be sharded"
+    rng = random.Random(0)
+    (tmp_path / "text.txt").write_text(" ".join(f"t{rng.randrange(2, VOCAB)}" for _ in range(3000)))
+    config = {"run": "ext", "threads": 1, "model": {"source": str(source)},
+              "calibration": {"source": str(tmp_path / "text.txt"), "nsamples": 4, "seqlen": 32},
+              "prune": {"methods": ["alps"], "patterns": ["unstructured:0.5"], "sparsity_profile": "owl"},
+              "reconstruct": {"default": {"iters": 5}},
+              "evaluate": {"seqlen": 32, "max_windows": 4, "datasets": {"text": str(tmp_path / "text.txt")},
+                           "zeroshot": {"enabled": False}},
+              "mlflow": {"enabled": False}}
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(config))
+    sds = tmp_path / "results" / "ext" / "alps" / "unstructured50" / "default" / "sds"
+    snakemake(tmp_path, "--cores", "2", "--configfile", str(tmp_path / "ext.yaml"), "--", str(sds.relative_to(tmp_path)))
+
+    prune1 = read_json(sds.parents[1] / "prune1" / "layers.json")
+    ratios = prune1["layer_sparsity"]
+    assert prune1["sparsity_profile"] == "owl" and sum(ratios) / len(ratios) == pytest.approx(0.5, abs=1e-12)
+    summary = read_json(sds / "layers.json")
+    assert summary["layer_sparsity"] == ratios
+    assert sorted(p.name for p in (sds / "model").glob("*.safetensors")) == \
+        sorted(p.name for p in source.glob("*.safetensors"))
+    written = _tensors(sds / "model")
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
+    dense = _tensors(source)
+    for name, info in summary["linears"].items():
+        layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        W = written[name]
+        assert float((W == 0).float().mean()) == pytest.approx(ratios[layer], abs=0.02), name
+        assert info["density"] == pytest.approx(float((W != 0).float().mean()), abs=1e-6), name
+        assert 0 < info["max_abs_ratio"] <= 2.0, name
+        assert float(W.abs().max()) <= 2.0 * float(dense[name].abs().max()), name
+    assert {v.dtype for v in load_file(sds / "weights.safetensors").values()} == {torch.bfloat16}
+    card = (sds / "model" / "README.md").read_text()
+    assert "sparsity_profile: owl" in card and all(f"| {i} | {r:.4f} |" in card for i, r in enumerate(ratios))

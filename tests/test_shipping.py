@@ -73,6 +73,22 @@ def test_the_built_in_model_has_no_base_model_and_no_license(tmp_path):
     assert "built-in demo model" in text
 
 
+def test_an_owl_checkpoints_card_states_each_layers_ratio_beside_its_achieved_sparsity():
+    config = validate_config({"run": "t", "prune": {"sparsity_profile": "owl", "patterns": ["unstructured:0.5"]}})
+    owl = {**SUMMARY, "sparsity_profile": "owl", "layer_sparsity": [0.5381, 0.4619],
+           "owl": {"threshold": 5, "lambda": 0.08, "outlier_fraction": [0.01, 0.03]}}
+    sparsity = {"overall": 0.5, "per_layer": {0: 0.5379, 1: 0.4617}}
+    text = model_card(config, "sds", "wanda", parse_pattern("unstructured:0.5"), sparsity, owl)
+    assert front_matter(text)["sparsity_profile"] == "owl"
+    assert "OWL (outlier-weighted layerwise sparsity" in text and "0.4619-0.5381 (mean 0.5000)" in text
+    assert "M = 5, λ = 0.08" in text
+    assert "| decoder layer | target | sparsity |" in text
+    assert "| 0 | 0.5381 | 0.5379 |" in text and "| 1 | 0.4619 | 0.4617 |" in text
+    uniform = model_card(config, "sds", "wanda", parse_pattern("unstructured:0.5"), sparsity, SUMMARY)
+    assert front_matter(uniform)["sparsity_profile"] == "uniform"
+    assert "OWL" not in uniform and "| 0 | 0.5379 |" in uniform
+
+
 def test_an_exported_folder_carries_the_sources_license_file_and_is_as_large_as_the_source(tmp_path):
     """write_model_folder: the card's front matter parses, the source's LICENSE is copied byte for byte, and
     the folder's weights take the source's bytes (pruned weights are stored as zeros: no size saving)."""

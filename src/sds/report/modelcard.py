@@ -80,7 +80,8 @@ def base_model_id(source: str, folder: str | Path | None) -> str | None:
     return None
 
 
-def card_metadata(config: dict, pattern, sparsity: float, folder: str | Path | None) -> dict:
+def card_metadata(config: dict, pattern, sparsity: float, folder: str | Path | None,
+                  profile: str = "uniform") -> dict:
     """The front matter's fields, in the order written."""
     meta = {}
     base = base_model_id(config["model"]["source"], folder)
@@ -89,8 +90,21 @@ def card_metadata(config: dict, pattern, sparsity: float, folder: str | Path | N
     meta.update(source_license(folder))
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
                  "tags": ["pruned", "sds", "sparse", str(pattern)], "sparsity_pattern": str(pattern),
-                 "sparsity": round(float(sparsity), 6)})
+                 "sparsity": round(float(sparsity), 6), "sparsity_profile": profile})
     return meta
+
+
+def _profile_lines(summary: dict) -> str:
+    """What the card says of the per-layer ratios: nothing for a uniform profile; for OWL, where they come
+    from (M, λ) and that the table's `target` column holds them."""
+    owl = summary.get("owl")
+    if not summary.get("layer_sparsity") or not owl:
+        return ""
+    ratios = summary["layer_sparsity"]
+    return (f"- Per-layer sparsity: OWL (outlier-weighted layerwise sparsity, Yin et al. 2024): each decoder "
+            f"layer pruned to its own ratio, {min(ratios):.4f}-{max(ratios):.4f} (mean {sum(ratios) / len(ratios):.4f}), "
+            f"from its share of outlier Wanda scores (M = {owl['threshold']}, λ = {owl['lambda']}); "
+            "the table below gives each layer's ratio as `target`\n")
 
 
 def _source_lines(config: dict, meta: dict) -> str:
@@ -118,9 +132,15 @@ def model_card(config: dict, stage: str, method: str, pattern, sparsity: dict, s
     `source_dir`: the source model's folder (its README.md and license files)."""
     import yaml
 
+    ratios = summary.get("layer_sparsity")
     meta = card_metadata(config, pattern, sparsity["overall"], None if config["model"]["source"] == "builtin"
-                         else source_dir)
-    rows = "\n".join(f"| {i} | {s:.4f} |" for i, s in sparsity["per_layer"].items())
+                         else source_dir, summary.get("sparsity_profile", "uniform"))
+    if ratios:
+        header = "| decoder layer | target | sparsity |\n|---|---|---|"
+        rows = "\n".join(f"| {i} | {ratios[int(i)]:.4f} | {s:.4f} |" for i, s in sparsity["per_layer"].items())
+    else:
+        header = "| decoder layer | sparsity |\n|---|---|"
+        rows = "\n".join(f"| {i} | {s:.4f} |" for i, s in sparsity["per_layer"].items())
     errors = [v["rel_error"] for v in summary["linears"].values() if "rel_error" in v]
     mean_error = sum(errors) / max(len(errors), 1)
     early_exit = (f"- Linears that kept their first-prune weights (early exit): {summary.get('fallbacks', 0)}\n"
@@ -135,7 +155,7 @@ def model_card(config: dict, stage: str, method: str, pattern, sparsity: dict, s
 - Achieved sparsity of decoder linear weights: {sparsity['overall']:.4f} (exact zeros; keep-masks in
   `../masks.safetensors`, 8 inputs per byte: `numpy.unpackbits(m, axis=1, bitorder="little")[:, :columns]`
   restores one, with `columns` from the file's metadata)
-{early_exit}- Config hash: `{config_hash(resolved_config(config))}`; sds {__version__}
+{_profile_lines(summary)}{early_exit}- Config hash: `{config_hash(resolved_config(config))}`; sds {__version__}
 - Calibration metric: mean relative output error of the pruned linears vs the dense layers
   {mean_error:.5f} ({len(errors)} linears, {config['calibration']['nsamples']} × {config['calibration']['seqlen']} tokens)
 - Evaluation metrics (perplexity, zero-shot) of dense, one-shot and SDS models:
@@ -153,7 +173,6 @@ with cuSPARSELt), for which the SDS paper reports 1.46-2.12x on an A100 (not mea
 unstructured sparsity at these ratios has no fast kernel in PyTorch. No compressed
 (sparse) storage format is written: compressed-tensors 0.20 and transformers 5.23 load none back.
 
-| decoder layer | sparsity |
-|---|---|
+{header}
 {rows}
 """

@@ -10,7 +10,7 @@ import torch
 
 from ..algorithms.owl import owl_ratios
 from ..core.errors import HOW_TO_RECREATE, CorruptFileError
-from ..core.layout import MANIFEST, MASKS, WEIGHTS, place_of
+from ..core.layout import LAYERS, MANIFEST, MASKS, WEIGHTS, place_of
 from ..core.patterns import Pattern
 from ..core.runtime import setup
 from ..model.checkpoints import MaskReader
@@ -82,6 +82,16 @@ def sparsity_profile(config: dict, pattern: Pattern, owl_file: str | None, layer
     lam = config["prune"]["owl_lambda"]
     return {"sparsity_profile": "owl", "layer_sparsity": owl_ratios(fractions, pattern.ratio, lam),
             "owl": {"threshold": owl["threshold"], "lambda": lam, "outlier_fraction": fractions}}
+
+
+PROFILE_KEYS = ("sparsity_profile", "layer_sparsity", "owl")
+
+
+def recorded_profile(prune1_dir: str | Path) -> dict:
+    """The per-layer sparsity prune1 recorded in its layers.json ({} for the uniform profile): what the
+    checkpoints made from its masks (prune1_adjust, prune2) record and their model cards state."""
+    summary = read_json(Path(prune1_dir) / LAYERS)
+    return {k: summary[k] for k in PROFILE_KEYS if k in summary}
 
 
 def profile_params(profile: dict) -> dict:

@@ -20,11 +20,11 @@ from ..core.stage_keys import OWL_KEYS
 from ..model.checkpoints import CheckpointWriter, write_model_folder
 from ..report.modelcard import model_card
 from ..storage.atomic import atomic_dir
-from ..storage.documents import read_json, write_json
+from ..storage.documents import write_json
 from ..tracking.entries import checkpoint_reference, layer_metrics, registered_name, sds_model_entry
 from ..tracking.stage_runs import track_stage
 from .common import (calibration_shape, checkpoint_readers, checkpoint_tags, layerwise_model, profile_metrics,
-                     profile_params, profile_tags, sparsity_profile, start_layer_stage)
+                     profile_params, profile_tags, recorded_profile, sparsity_profile, start_layer_stage)
 
 log = logging.getLogger("sds")
 
@@ -88,7 +88,7 @@ def prune1_adjust(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str
         infos = sequential_pass(config, stage.lm, stage.nsamples, stage.seqlen, inputs_dir, update, tmp / WORK,
                                 checkpoint, source=first, dense_dir=dense_dir if cross else None,
                                 what="prune1+adjust layer")
-        checkpoint.close()
+        checkpoint.close(recorded_profile(prune1_dir))  # the masks are prune1's, and so are their ratios
     method, pattern, tags = checkpoint_tags(prune1_dir)
     track_stage(config, f"prune1_adjust/{method}/{pattern}", started=started, params=config["prune2"],
                 metrics=layer_metrics(infos, "prune1_adjust"), tags=tags,
@@ -184,7 +184,8 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
     first, first_masks = checkpoint_readers(prune1_dir, stage.device)
     settings = second_prune_settings(config, recon)
     prune_settings = config.get("prune", {})  # the pruner's own keys, and ADMM's for the gradual selection
-    ratios = read_json(Path(prune1_dir) / LAYERS).get("layer_sparsity")  # prune1's OWL ratios, if any
+    profile = recorded_profile(prune1_dir)  # prune1's OWL ratios, if any
+    ratios = profile.get("layer_sparsity")
 
     def update(i, name, W, W_dense, stats):
         return sds_method.second_prune(method, W, W_dense, stats, layer_pattern(pat, ratios, i), prune_settings,
@@ -198,8 +199,7 @@ def prune2(config: dict, model_dir: str, inputs_dir: str, prune1_dir: str, recon
                                 checkpoint, source=refit, dense_dir=dense_dir if cross else None,
                                 what=f"prune2 {method} {pat} layer")
         fallbacks = sum(1 for v in infos.values() if v.get("fallback"))
-        summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks,
-                                    **({"layer_sparsity": ratios} if ratios else {})})
+        summary = checkpoint.close({"method": method, "pattern": str(pat), "fallbacks": fallbacks, **profile})
         write_model_folder(stage.lm, tmp / WEIGHTS, tmp / MODEL,
                            model_card(config, "sds", method, pat, checkpoint.sparsity(), summary,
                                       stage.lm.folder))
