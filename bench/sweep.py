@@ -1,7 +1,7 @@
 """One table per model: one-shot, one-shot + adjust, and SDS variants for every (method, pattern), with the
 seconds each stage took — the tables the README's method section shows, made by the pipeline itself.
 
-    .venv/bin/python bench/sweep.py --config config/smollm2.yaml                       # SmolLM2-135M, 2:4 and 50 %
+    .venv/bin/python bench/sweep.py --config config/smollm2.yaml                       # SmolLM2-135M (its patterns: see README)
     .venv/bin/python bench/sweep.py --config config/config.yaml --run sweep_default \\
         --patterns 2:4 4:8 unstructured:0.5 unstructured:0.7                           # the built-in model
     .venv/bin/python bench/sweep.py --config config/wikitext2.yaml --run sweep_wikitext2 \\
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,13 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "admm", "alps"])
     ap.add_argument("--patterns", nargs="+", default=["2:4", "unstructured:0.5"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--sparsity-profile", choices=["uniform", "owl"],
+                    help="set prune.sparsity_profile (default: the config's own); use a run name of its own for owl")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--out", help="also write the table (Markdown) here")
     ap.add_argument("--no-run", action="store_true", help="only collect what an earlier run left")
+    ap.add_argument("--snakemake-args", default="",
+                    help="more arguments for snakemake, one string, e.g. '--scheduler greedy --keep-going'")
     args = ap.parse_args()
 
     from sds.core.patterns import parse_pattern
@@ -55,6 +60,8 @@ def main() -> int:
                             else Path(args.config).read_text())
     config["run"] = args.run or config["run"]
     config.setdefault("prune", {}).update(methods=args.methods, patterns=args.patterns)
+    if args.sparsity_profile:
+        config["prune"]["sparsity_profile"] = args.sparsity_profile
     base_recon = (config.get("reconstruct") or {}).get("default", {})
     config["reconstruct"] = {v: {**base_recon, **VARIANTS[v]} for v in args.variants}
     run_dir = ROOT / "results" / config["run"]
@@ -63,7 +70,7 @@ def main() -> int:
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     if not args.no_run:
         proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(args.cores), "--configfile",
-                               str(cfg_path)], cwd=ROOT)
+                               str(cfg_path), *shlex.split(args.snakemake_args)], cwd=ROOT)
         if proc.returncode:
             print(f"sweep: snakemake failed (exit {proc.returncode})", file=sys.stderr)
             return proc.returncode
@@ -76,7 +83,7 @@ def main() -> int:
     head = (["method", "pattern", "one-shot", "one-shot + adjust"] + [f"SDS ({v})" for v in args.variants]
             + ["prune1 s", "adjust s", "reconstruct s"] + [f"prune2 s ({v})" for v in args.variants])
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    losses = []
+    losses, versus = [], []
     for text in args.patterns:
         pattern = parse_pattern(text)
         best_one_shot = min(ppl[(m, str(pattern), s, "-")] for m in args.methods for s in ("prune1", "prune1+adjust"))
@@ -98,6 +105,16 @@ def main() -> int:
             elif sds >= best_one_shot:
                 losses.append(f"{method} {pattern}: SDS ({args.variants[0]}) {sds:.3f} beats its own one-shot but "
                               f"not the best one-shot row {best_one_shot:.3f} ({100 * (sds / best_one_shot - 1):+.2f} %)")
+        if "alps" in args.methods:  # the strongest layer-wise baseline: does the best SDS checkpoint beat it?
+            alps = min(ppl[("alps", str(pattern), s, "-")] for s in ("prune1", "prune1+adjust"))
+            best_method = min(args.methods, key=lambda m: ppl[(m, str(pattern), "sds", args.variants[0])])
+            best_sds = ppl[(best_method, str(pattern), "sds", args.variants[0])]
+            versus.append(f"{pattern}: best SDS ({best_method} first prune) {best_sds:.3f} against alps "
+                          f"{alps:.3f} ({100 * (best_sds / alps - 1):+.2f} %"
+                          f"{', below' if best_sds < alps else ', NOT below'})")
+    if versus:
+        lines += ["", "Best SDS against the alps row (the better of alps one-shot and alps + adjust): "
+                  + "; ".join(versus) + "."]
     lines += [""] + (["Where SDS does not win: " + "; ".join(losses) + "."] if losses else
                      [f"SDS ({args.variants[0]}) beats every one-shot and one-shot + adjust row of its pattern."])
     text = "\n".join(lines)

