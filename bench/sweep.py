@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"default": {}, "paper": {"prune2": {"selection": "pruner"}}}
+VARIANTS = {"default": {}, "paper": {"prune2": {"selection": "pruner"}},
+            "pruner_only": {"prune2": {"selection": "pruner", "adjust": "none"}}}  # no adjustment after it
 STAGES = ("prune1", "prune1_adjust", "reconstruct", "prune2")
 
 
