@@ -1,7 +1,7 @@
 """Probe behind the floor on ADMM's input norms (`prune.admm_norm_floor`, default 0.3; the pipeline applies it
 in every ADMM path): how large ADMM pruning makes weights on input channels that are nearly dead in the
 calibration data, and how a floor on the input norms removes that growth without costing error, on REAL
-statistics of SmolLM2-135M (captured as in bench/solver_bench.py).
+statistics of SmolLM2-135M (captured by bench/layer_stats.py, as in bench/solver_bench.py).
 
     .venv/bin/python bench/norm_floor_probe.py [--layers 21 24] [--stats-cache /tmp/wg/stats.safetensors]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import solver_bench  # noqa: E402
+from layer_stats import add_capture_arguments, load_or_capture  # noqa: E402
 from sds.algorithms import admm  # noqa: E402
 from sds.core.config import defaults  # noqa: E402
 from sds.core.patterns import parse_pattern  # noqa: E402
@@ -41,11 +41,11 @@ FLOORS = [("no floor", 0.0), ("floor 0.1 med", 0.1), ("floor 0.3 med", 0.3)]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    solver_bench.add_capture_arguments(ap, layers=[21, 24], threads=2)
+    add_capture_arguments(ap, layers=[21, 24], threads=2)
     ap.add_argument("--pattern", default="2:4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    weights, calib, held = solver_bench.load_or_capture(args)
+    weights, calib, held = load_or_capture(args)
     pattern = parse_pattern(args.pattern)
     print(f"ADMM pruning at {args.pattern}, {args.nsamples} × {args.seqlen} tokens; errors relative to the dense output")
     for key in sorted(weights):

@@ -1,29 +1,44 @@
 """Layer-wise solvers side by side on REAL input statistics of a pretrained model (SmolLM2-135M).
 
+    git --git-dir=/work/.mirror/mazumder-lab+ALPS/repo archive HEAD | tar x -C /tmp/ref-alps
+    git --git-dir=/work/.mirror/fmfi-compbio+admm-pruning/repo archive HEAD | tar x -C /tmp/ref-admm
+    git --git-dir=/work/.mirror/IST-DASLab+sparsegpt/repo archive HEAD | tar x -C /tmp/ref-sparsegpt
     nice .venv/bin/python bench/solver_bench.py --model /work/main/models/smollm2-135m \
         --text ../shared/assets/wikitext-2-v1/valid.txt \
         --reference-sparsegpt /tmp/ref-sparsegpt --reference-admm /tmp/ref-admm --reference-alps /tmp/ref-alps
+    # ours against reference ALPS / ADMM per linear (mkdir the /tmp folders before the tar x above)
+    .venv/bin/python bench/solver_bench.py --sections pruners --methods alps ref-alps admm ref-admm \
+        --reference-alps /tmp/ref-alps --reference-admm /tmp/ref-admm --layers 0 12 24 \
+        --stats-cache /tmp/smollm-stats.safetensors
+    # diagnosis: extra columns, our pruner with changed `prune` settings (KEY=VALUE, a/b/c for rho_growth)
+    ... --variants "alps:alps_norm_floor=0" "alps:alps_damping=inputs,alps_norm_floor=0" "admm:admm_norm_floor=0"
 
-Captures H = E[x xᵀ] of every linear of the chosen decoder layers of the DENSE model by forward hooks
-(calibration: `--nsamples` windows × `--seqlen` tokens; a second, disjointly seeded set of windows gives
-held-out statistics), then per linear kind prints, side by side in one run:
+Captures H = E[x xᵀ] of every linear of the chosen decoder layers (`--linears`: only these names within a
+layer, e.g. q_proj down_proj) of the DENSE model by forward hooks (calibration: `--nsamples` windows ×
+`--seqlen` tokens; a second, disjointly seeded set of windows gives held-out statistics; bench/layer_stats.py),
+then per linear kind prints, side by side in one run:
 
 1. one-shot pruners (sparsegpt / wanda / magnitude / admm / alps, plus the reference SparseGPT
    `fasterprune`, reference ADMM `AdmmPruner.fasterprune` and reference ALPS `ALPS_prune.ALPS_admm` when
-   checkouts are given) at 2:4 and 50 %: seconds, relative output error on the calibration statistics and
-   on the held-out ones;
+   checkouts are given, bench/reference_solvers.py; then each `--variants` column) at 2:4 and 50 %: relative
+   output error tr(D H Dᵀ)/tr(W H Wᵀ), D = W − Ŵ, on the calibration statistics and on the held-out ones,
+   seconds, the fraction of zeros (INVALID where the N:M groups or the sparsity are not met); then per row
+   ours ÷ reference on the calibration error (sparsegpt, alps, admm, where both columns are there), and in
+   the mean row the ratio of the means and the geometric mean of the row ratios. Every pruner sees the same
+   H (the errors are scale-free). `--variants` defaults to `alps:alps_damping=inputs` when alps is a column
+   (alps with the reference's dampening, which reproduces its masks; formerly the fixed `alps-inputs`
+   column); `--variants` with no value: none;
 2. the dense phase: FISTA-200 vs ADMM-N on the same objective (objective value relative to FISTA-200's,
    seconds);
 3. the weight adjustment with a fixed mask: exact masked least squares vs masked ADMM (error, seconds).
 
-The reference checkouts are only imported here (e.g. `git clone /work/.mirror/IST-DASLab+sparsegpt/repo
-/tmp/ref-sparsegpt`, `git clone /work/.mirror/mazumder-lab+ALPS/repo /tmp/ref-alps`); nothing of them is
-part of the project. `--sections pruners --methods ...` runs only the one-shot table for the named pruners.
+The reference code is only imported from the given checkouts (ALPS from a temporary copy with 'cuda:0'
+pointed at the CPU when there is no GPU); nothing of it is part of the project. `--sections pruners
+--methods ...` runs only the one-shot table for the named pruners (the variants come on top).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -32,172 +47,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from layer_stats import add_capture_arguments, load_or_capture, synthetic_inputs, synthetic_stats  # noqa: E402
+from reference_solvers import load_reference_admm, load_reference_alps, load_reference_sparsegpt  # noqa: E402
 
 from sds.algorithms.objective import LinearStats, relative_error  # noqa: E402
 from sds.core.config import defaults  # noqa: E402
 
 _D = defaults()
 PRUNE, PRUNE2, RECON = _D["prune"], _D["prune2"], _D["reconstruct"]["default"]  # the pipeline's settings
-
-
-# --- statistics capture --------------------------------------------------------------------------------------
-
-
-def capture_stats(model_dir: str, text_path: str, layers: list[int], nsamples: int, seqlen: int,
-                  seed: int) -> tuple[dict, dict, dict]:
-    """(dense weights, calibration H, held-out H) per linear 'layer.name' of the given decoder layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sds.data.texts import read_text_source, tokenize
-    from sds.data.windows import sample_windows
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenize(tok, read_text_source(text_path))
-    decoder = model.model.layers
-    last = max(layers)
-    linears = {f"{i}.{n}": m for i in layers for n, m in decoder[i].named_modules()
-               if isinstance(m, torch.nn.Linear)}
-    weights = {k: m.weight.detach().float().clone() for k, m in linears.items()}
-
-    class _Stop(Exception):
-        pass
-
-    def run(windows):
-        sums = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in linears.items()}
-        count = [0]
-
-        def hook(key):
-            def fn(_module, inputs, _output):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-                sums[key] += x.T @ x
-                if key == next(iter(linears)):
-                    count[0] += x.shape[0]
-            return fn
-
-        def stop(_module, _inputs, _output):
-            raise _Stop  # nothing after the last captured layer is needed
-
-        handles = [m.register_forward_hook(hook(k)) for k, m in linears.items()]
-        handles.append(decoder[last].register_forward_hook(stop))
-        with torch.no_grad():
-            for w in windows:
-                try:
-                    model(w.unsqueeze(0))
-                except _Stop:
-                    pass
-        for h in handles:
-            h.remove()
-        return {k: (v / count[0]).float() for k, v in sums.items()}
-
-    calib = run(sample_windows(ids, nsamples, seqlen, seed))
-    held = run(sample_windows(ids, nsamples, seqlen, seed + 1000))
-    return weights, calib, held
-
-
-def load_or_capture(args) -> tuple[dict, dict, dict]:
-    """Captured statistics, kept in `--stats-cache` (re-captured when the capture arguments differ)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    key = {"model": str(Path(args.model).resolve()), "text": str(Path(args.text).resolve()),
-           "layers": " ".join(map(str, args.layers)), "nsamples": str(args.nsamples), "seqlen": str(args.seqlen),
-           "seed": str(args.seed)}
-    cache = Path(args.stats_cache) if args.stats_cache else None
-    if cache is not None and cache.is_file():
-        with safe_open(str(cache), "pt") as f:
-            same = f.metadata() == key
-        if same:
-            flat = load_file(str(cache))
-            split = lambda prefix: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
-            return split("W/"), split("H/"), split("Hheld/")
-    weights, calib, held = capture_stats(args.model, args.text, args.layers, args.nsamples, args.seqlen, args.seed)
-    if cache is not None:
-        flat = {**{f"W/{k}": v for k, v in weights.items()}, **{f"H/{k}": v for k, v in calib.items()},
-                **{f"Hheld/{k}": v for k, v in held.items()}}
-        save_file({k: v.contiguous() for k, v in flat.items()}, str(cache), metadata=key)
-    return weights, calib, held
-
-
-# --- reference implementations (imported from a local checkout, never part of the project) -------------------
-
-def _quiet(fn, *args, **kwargs):
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args, **kwargs)
-
-
-def load_reference_sparsegpt(path: str | None):
-    """fasterprune(W, H, pattern) -> W_new, from IST-DASLab/sparsegpt's sparsegpt.py."""
-    if not path:
-        return None
-    sys.path.insert(0, str(Path(path).resolve()))
-    if not torch.cuda.is_available():
-        torch.cuda.synchronize = lambda *a, **k: None  # the reference calls it unconditionally
-    from sparsegpt import SparseGPT  # noqa: E402  (the checkout's module)
-
-    def run(W, H, pattern):
-        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        layer.weight.data = W.clone()
-        pruner = SparseGPT(layer)
-        pruner.H = H.clone()
-        n, m = (pattern.m - pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)
-        _quiet(pruner.fasterprune, pattern.sparsity, prunen=n, prunem=m, percdamp=0.01, blocksize=128)
-        return layer.weight.data
-    return run
-
-
-def load_reference_admm(path: str | None):
-    """fasterprune of fmfi-compbio/admm-pruning's lib/admm.py (2:4 and unstructured only: its N:M branch
-    is written for groups of 4 keeping 2)."""
-    if not path:
-        return None
-    spec = importlib.util.spec_from_file_location("reference_admm", Path(path) / "lib" / "admm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    def run(W, H, pattern):
-        if pattern.kind == "nm" and (pattern.n, pattern.m) != (2, 4):
-            return None
-        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        layer.weight.data = W.clone()
-        pruner = module.AdmmPruner(layer)
-        pruner.XX = H.clone()
-        n, m = (2, 4) if pattern.kind == "nm" else (0, 0)
-        _quiet(pruner.fasterprune, pattern.sparsity, prune_n=n, prune_m=m, percdamp=0.1)
-        return layer.weight.data
-    return run
-
-
-def load_reference_alps(path: str | None):
-    """ALPS_prune.ALPS_admm of mazumder-lab/ALPS's alps.py, run from a copy whose hard-coded 'cuda:0' is
-    pointed at the CPU when no GPU is there (its default rho 0.1, 300 steps, 10 CG steps)."""
-    if not path:
-        return None
-    import tempfile
-
-    source = (Path(path) / "alps.py").read_text()
-    if not torch.cuda.is_available():
-        source = source.replace("'cuda:0'", "'cpu'").replace('"cuda:0"', '"cpu"')
-        torch.cuda.synchronize = lambda *a, **k: None  # the reference calls it unconditionally
-    copy = Path(tempfile.mkdtemp(prefix="ref-alps-")) / "reference_alps.py"
-    copy.write_text(source)
-    spec = importlib.util.spec_from_file_location("reference_alps", copy)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-
-    def run(W, H, pattern):
-        layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False).to(device)
-        layer.weight.data = W.clone().to(device)
-        pruner = module.ALPS_prune(layer, nsamples=1, seqlen=1)
-        pruner.XtX = H.clone().float().to(device)
-        n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)  # its nm_n: the weights kept
-        _quiet(pruner.ALPS_admm, pattern.sparsity, nm_n=n, nm_m=m, rho=0.1)
-        return layer.weight.data.float().cpu()
-    return run
 
 
 # --- tables --------------------------------------------------------------------------------------------------
@@ -223,49 +82,98 @@ def _short(name: str) -> str:
     return f"{layer}.{rest.split('.')[-1]}"
 
 
-def pruner_tables(weights, calib, held, patterns, ref_sparsegpt, ref_admm, ref_alps=None, only=None):
+def pattern_check(W_new: torch.Tensor, pattern) -> tuple[float, bool]:
+    """(fraction of zeros, valid: every N:M group keeps at most N / the sparsity is reached)."""
+    zeros = float((W_new == 0).float().mean())
+    if pattern.kind == "nm":
+        groups = (W_new != 0).reshape(W_new.shape[0], -1, pattern.m).sum(-1)
+        return zeros, bool((groups <= pattern.n).all())
+    return zeros, zeros >= pattern.sparsity - 1e-6
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """'alps:alps_norm_floor=0,alps_damping=inputs' → (column name, method, prune.* overrides)."""
+    method, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key.endswith("rho_growth"):
+            overrides[key] = [float(v) for v in value.split("/")]
+        else:
+            try:
+                overrides[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            except ValueError:
+                overrides[key] = value
+    short = ",".join(f"{k.split('_', 1)[1]}={v if not isinstance(v, list) else '/'.join(map(str, v))}"
+                     for k, v in overrides.items())
+    return f"{method}[{short}]", method, overrides
+
+
+RATIOS = [("sparsegpt", "ref-sparsegpt"), ("alps", "ref-alps"), ("admm", "ref-admm")]  # ours ÷ reference
+
+
+def pruner_tables(weights, calib, held, patterns, refs: dict, only=None, variants=None):
+    """One table per pattern: a column per pruner (ours, the references in `refs` that are given, then each
+    of `variants`), a cell per linear; then per row ours ÷ reference on the calibration error, and in the
+    mean row the ratio of the means and the geometric mean of the row ratios."""
+    import math
+
     from sds.core.patterns import parse_pattern
     from sds.algorithms.dispatch import prune
 
-    methods = {"sparsegpt": lambda W, H, p: prune("sparsegpt", W, p, PRUNE, hessian=H)[0],
-               "wanda": lambda W, H, p: prune("wanda", W, p, PRUNE, hessian=H)[0],
-               "magnitude": lambda W, H, p: prune("magnitude", W, p, PRUNE, hessian=H)[0],
-               "admm": lambda W, H, p: prune("admm", W, p, PRUNE, hessian=H)[0],
-               "alps": lambda W, H, p: prune("alps", W, p, PRUNE, hessian=H)[0],
-               # the reference's dampening (on H before the input-norm scaling): its masks, for the comparison
-               "alps-inputs": lambda W, H, p: prune("alps", W, p, PRUNE | {"alps_damping": "inputs"}, hessian=H)[0]}
-    if ref_sparsegpt:
-        methods["ref-sparsegpt"] = ref_sparsegpt
-    if ref_admm:
-        methods["ref-admm"] = ref_admm
-    if ref_alps:
-        methods["ref-alps"] = ref_alps
+    def ours(method, overrides=None):
+        return lambda W, H, p: prune(method, W, p, PRUNE | (overrides or {}), hessian=H)[0]
+
+    methods = {m: ours(m) for m in ("sparsegpt", "wanda", "magnitude", "admm", "alps")}
+    methods |= {name: fn for name, fn in refs.items() if fn is not None}
     if only:
-        methods = {m: fn for m, fn in methods.items() if m in only}
+        methods = {m: methods[m] for m in only if m in methods}  # in the order given
+    if variants is None:  # the default: alps with the reference's dampening (its masks), beside alps
+        variants = ["alps:alps_damping=inputs"] if "alps" in methods else []
+    for text in variants:
+        name, method, overrides = parse_variant(text)
+        methods[name] = ours(method, overrides)
+    pairs = [(o, r) for o, r in RATIOS if o in methods and r in methods]
+    print("\nour defaults: " + ", ".join(f"{k}={v}" for k, v in PRUNE.items() if k.startswith(("alps_", "admm_"))))
     for text in patterns:
         pattern = parse_pattern(text)
-        rows, totals = [], {m: [0.0, 0.0, 0.0, 0] for m in methods}
+        rows, totals, logs = [], {m: [0.0, 0.0, 0.0, 0] for m in methods}, {o: [] for o, _ in pairs}
         for name, W in weights.items():
             H, Hh = calib[name], held[name]
-            row = [_short(name)]
+            row, errs = [_short(name)], {}
             for method, fn in methods.items():
                 new_W, seconds = timed(fn, W, H, pattern)
                 if new_W is None:
                     row.append("n/a")
                     continue
-                err = relative_error(new_W, W, LinearStats(H, H, H))
+                new_W = new_W.float().cpu()
+                err = errs[method] = relative_error(new_W, W, LinearStats(H, H, H))
                 err_held = relative_error(new_W, W, LinearStats(Hh, Hh, Hh))
+                zeros, valid = pattern_check(new_W, pattern)
                 t = totals[method]
                 t[0] += err
                 t[1] += err_held
                 t[2] += seconds
                 t[3] += 1
-                row.append(f"{err:.4f} / {err_held:.4f} / {seconds:.2f}")
+                row.append(f"{err:.5f} / {err_held:.5f} / {seconds:.2f} ({zeros:.3f}{'' if valid else ' INVALID'})")
+            for o, r in pairs:
+                if o in errs and r in errs and min(errs[o], errs[r]) > 0:
+                    logs[o].append((errs[o], errs[r]))
+                    row.append(f"{errs[o] / errs[r]:.3f}")
+                else:
+                    row.append("n/a")
             rows.append(row)
-        rows.append(["**mean error, total s**"] + [f"{t[0] / t[3]:.4f} / {t[1] / t[3]:.4f} / {t[2]:.1f}"
-                                                    if t[3] else "n/a" for t in totals.values()])
+        mean = ["**mean error, total s**"] + [f"{t[0] / t[3]:.5f} / {t[1] / t[3]:.5f} / {t[2]:.1f}"
+                                              if t[3] else "n/a" for t in totals.values()]
+        for o, _ in pairs:  # over the rows with both: ratio of the means (geometric mean of the row ratios)
+            both = logs[o]
+            geo = math.exp(sum(math.log(a / b) for a, b in both) / max(len(both), 1))
+            mean.append(f"{sum(a for a, _ in both) / sum(b for _, b in both):.3f} (geo-mean of rows {geo:.3f})"
+                        if both else "n/a")
+        rows.append(mean)
         print_table(f"One-shot pruners, {pattern}: relative output error on calibration / held-out statistics / "
-                    "seconds", ["linear"] + list(methods), rows)
+                    "seconds (zeros fraction; INVALID: pattern not met); ratio = ours ÷ reference, calibration error",
+                    ["linear"] + list(methods) + [f"{o}÷{r}" for o, r in pairs], rows)
 
 
 def dense_tables(weights, calib, held, iters_list, long_fista: bool):
@@ -383,34 +291,7 @@ def sds_tables(weights, calib, held, patterns):
                     [[k, f"{a:.5f}", f"{b:.5f}", f"{c:.1f}"] for k, (a, b, c) in totals.items()])
 
 
-def synthetic_inputs(tokens: int, dim: int, seed: int, relu: bool = False) -> torch.Tensor:
-    """Correlated features with scales over two decades (like LLM activations); `relu`: an fc2 input,
-    with dead columns as after OPT's ReLU."""
-    g = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(dim, dim, generator=g) / dim ** 0.5
-    X = (torch.randn(tokens, dim, generator=g) @ mixing + 0.3 * torch.randn(tokens, dim, generator=g))
-    X = X * torch.logspace(-1, 1, dim)[torch.randperm(dim, generator=g)]
-    if relu:  # mostly-off units, and 3 % that never fire on these tokens (dead, as in OPT's fc2 inputs)
-        offset = torch.where(torch.rand(dim, generator=g) < 0.03, 100.0, 1.5)
-        X = (X - offset * X.std(0)).clamp_min(0)
-    return X
-
-
 OPT_SHAPES = [(768, 768, False), (3072, 768, False), (768, 3072, True)]  # q/k/v/out, fc1, fc2
-
-
-def synthetic_stats(width: int, tokens: int) -> tuple[dict, dict, dict]:
-    """(weights, calibration H, held-out H) of three OPT-like linears of hidden size `width` (attention,
-    fc1, fc2 with ReLU inputs), from `synthetic_inputs`: the statistics source of `--synthetic`, for
-    comparisons on a machine without a pretrained model (held-out: other tokens of the same features)."""
-    weights, calib, held = {}, {}, {}
-    for name, (rows, cols, relu) in {"0.attn": (width, width, False), "0.fc1": (4 * width, width, False),
-                                     "0.fc2": (width, 4 * width, True)}.items():
-        X = synthetic_inputs(2 * tokens, cols, cols, relu)  # one feature draw, two disjoint token sets
-        calib[name] = X[:tokens].T @ X[:tokens] / tokens
-        held[name] = X[tokens:].T @ X[tokens:] / tokens
-        weights[name] = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols)) * 0.02
-    return weights, calib, held
 
 
 def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
@@ -463,18 +344,6 @@ def speed_tables(ref_sparsegpt, repeats: int, exact_shapes: bool):
                 ["W shape", "exact s", "admm-20 s", "speed-up", "exact rel. error", "admm-20 rel. error"], rows)
 
 
-def add_capture_arguments(parser: argparse.ArgumentParser, layers: list[int], threads: int) -> None:
-    """The statistics-capture options `load_or_capture` reads (shared with bench/norm_floor_probe.py)."""
-    parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
-    parser.add_argument("--text", default=str(ROOT.parent / "shared" / "assets" / "wikitext-2-v1" / "valid.txt"))
-    parser.add_argument("--layers", type=int, nargs="+", default=layers)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=threads)
-    parser.add_argument("--stats-cache", default=None, help="safetensors file to keep captured statistics in")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_capture_arguments(parser, layers=[2, 15], threads=1)
@@ -485,6 +354,9 @@ def main(argv=None) -> None:
                         help="synthetic OPT-like linears of this hidden size instead of a model's statistics")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these columns of the one-shot table (e.g. sparsegpt admm alps ref-alps)")
+    parser.add_argument("--variants", nargs="*", default=None, help="extra columns of the one-shot table: our "
+                        "pruner with changed prune.* settings, e.g. alps:alps_norm_floor=0,alps_damping=inputs")
+    parser.add_argument("--linears", nargs="+", default=None, help="only these linears of a layer (e.g. q_proj)")
     parser.add_argument("--patterns", nargs="+", default=["2:4", "unstructured:0.5"])
     parser.add_argument("--dense-iters", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--adjust-iters", type=int, default=20)
@@ -494,24 +366,25 @@ def main(argv=None) -> None:
                         choices=["speed", "exact-shapes", "pruners", "dense", "adjust", "sds"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ref_sparsegpt = load_reference_sparsegpt(args.reference_sparsegpt)
-    ref_admm = load_reference_admm(args.reference_admm)
-    ref_alps = load_reference_alps(args.reference_alps)
+    refs = {"ref-sparsegpt": load_reference_sparsegpt(args.reference_sparsegpt),
+            "ref-admm": load_reference_admm(args.reference_admm), "ref-alps": load_reference_alps(args.reference_alps)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if "speed" in args.sections or "exact-shapes" in args.sections:
-        speed_tables(ref_sparsegpt, args.repeats, "exact-shapes" in args.sections)
+        speed_tables(refs["ref-sparsegpt"], args.repeats, "exact-shapes" in args.sections)
     if {"pruners", "dense", "adjust", "sds"} & set(args.sections):
         start = time.perf_counter()
         if args.synthetic:
             weights, calib, held = synthetic_stats(args.synthetic, args.nsamples * args.seqlen)
-            print(f"\nsynthetic OPT-like linears, hidden size {args.synthetic}: {args.nsamples * args.seqlen} "
-                  "calibration tokens, as many held-out")
+            source = f"synthetic OPT-like linears, hidden size {args.synthetic}"
         else:
             weights, calib, held = load_or_capture(args)
-            print(f"\nstatistics of layers {args.layers} ({len(weights)} linears): {args.nsamples} × "
-                  f"{args.seqlen} calibration tokens, as many held-out ({time.perf_counter() - start:.0f} s)")
+            source = f"statistics of layers {args.layers}"
+        if args.linears:
+            weights = {k: W for k, W in weights.items() if k.split(".")[-1] in args.linears}
+        print(f"\n{source} ({len(weights)} linears): {args.nsamples} × {args.seqlen} calibration tokens, as many "
+              f"held-out ({time.perf_counter() - start:.0f} s)")
         if "pruners" in args.sections:
-            pruner_tables(weights, calib, held, args.patterns, ref_sparsegpt, ref_admm, ref_alps, args.methods)
+            pruner_tables(weights, calib, held, args.patterns, refs, args.methods, args.variants)
         if "dense" in args.sections:
             dense_tables(weights, calib, held, args.dense_iters, args.long_fista)
         if "adjust" in args.sections:
