@@ -127,11 +127,13 @@ def shadow_record(call: int, W, H, reference_W, reference_seconds: float, shadow
     return record
 
 
-def shadow_summary(records: list[dict], tags: list[str]) -> list[str]:
-    """Per tag: geometric mean and range of ours ÷ reference calibration error over the linears, the mean
+def shadow_summary(records: list[dict], tags: list[str] | None = None) -> list[str]:
+    """Per tag (default: every tag the records hold, by their `TAG_overlap` keys): geometric mean and range of ours ÷ reference calibration error over the linears, the mean
     and lowest mask overlap, summed seconds ours ÷ reference."""
     import math
 
+    if tags is None:
+        tags = [key.removesuffix("_overlap") for key in records[0] if key.endswith("_overlap")]
     lines = []
     for tag in tags:
         ratios = [r[tag] / r["ref"] for r in records if r["ref"] > 0]
@@ -281,14 +283,13 @@ def main() -> int:
                  else "— (reference shadowed)" for p in args.patterns]
         lines.append(f"- {name} against ref-{method} (perplexity): " + ", ".join(gaps) + "; prune1 time "
                      + ", ".join(times))
-    for name, method, _, checkout in base_rows:
-        shadow = [bench_dir / name / parse_pattern(p).slug / "shadow.jsonl" for p in args.patterns]
-        for p, path in zip(args.patterns, shadow):
-            if args.shadow and checkout and path.is_file():
+    for name, _, _, checkout in base_rows:
+        for p in args.patterns:
+            if args.shadow and checkout and shadowed(name, p):
+                path = bench_dir / name / parse_pattern(p).slug / "shadow.jsonl"
                 records = [json.loads(line) for line in path.read_text().splitlines()]
-                tags = [k for k in records[0] if k not in ("linear", "ref", "ref_s") and not k.endswith(("_s", "_overlap"))]
                 lines += ["", f"- Shadow of {name} at {p}: our pruner on each (W, H) of its sequential pass"]
-                lines += shadow_summary(records, tags)
+                lines += shadow_summary(records)
     if args.perturb_seeds:
         lines += ["", f"Perturbed H (seeds {', '.join(map(str, args.perturb_seeds))}): per row, the range of its "
                       "runs (unperturbed included), their spread (max ÷ min − 1) and mean; against the reference, "

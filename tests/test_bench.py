@@ -97,6 +97,7 @@ def test_reference_pipeline_bench_shadow_record_scores_each_pruner_on_the_refere
     assert record["mixed"] == relative_error(W * mixed, W, stats) != record["ref"]
     assert record["same_overlap"] == 1.0
     assert record["mixed_overlap"] == float((mixed & big).sum()) / float(big.sum()) < 1.0
-    lines = shadow_summary([record], ["same", "mixed"])
+    lines = shadow_summary([record])                       # the tags the record holds, in its order
+    assert lines == shadow_summary([record], ["same", "mixed"])
     assert "geometric mean 1.00000" in lines[0] and "100.00 %" in lines[0]
     assert f"{record['mixed'] / record['ref']:.5f}" in lines[1]
