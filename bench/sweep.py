@@ -6,6 +6,8 @@ seconds each stage took — the tables the README's method section shows, made b
         --patterns 2:4 4:8 unstructured:0.5 unstructured:0.7                           # the built-in model
     .venv/bin/python bench/sweep.py --config config/wikitext2.yaml --run sweep_wikitext2 \\
         --patterns 2:4 4:8 unstructured:0.5 unstructured:0.7                           # built-in, real English
+    .venv/bin/python bench/sweep.py --config config/smollm2.yaml --run smollm2_cal128 \\
+        --calibration-samples 128 --methods alps --patterns unstructured:0.7            # 4x the calibration
 
 The base config's own keys apply; --methods, --patterns and the SDS variants (named `reconstruct` settings:
 `default` grows the second-prune mask by ADMM from the reconstructed weights, `paper` runs the first
@@ -48,6 +50,9 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--sparsity-profile", choices=["uniform", "owl"],
                     help="set prune.sparsity_profile (default: the config's own); use a run name of its own for owl")
+    ap.add_argument("--calibration-samples", type=int, metavar="N",
+                    help="set calibration.nsamples (default: the config's own); use a run name of its own, so the "
+                         "table's other rows are on the same calibration")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--out", help="also write the table (Markdown) here")
     ap.add_argument("--no-run", action="store_true", help="only collect what an earlier run left")
@@ -63,6 +68,8 @@ def main() -> int:
     config.setdefault("prune", {}).update(methods=args.methods, patterns=args.patterns)
     if args.sparsity_profile:
         config["prune"]["sparsity_profile"] = args.sparsity_profile
+    if args.calibration_samples:
+        config.setdefault("calibration", {})["nsamples"] = args.calibration_samples
     base_recon = (config.get("reconstruct") or {}).get("default", {})
     config["reconstruct"] = {v: {**base_recon, **VARIANTS[v]} for v in args.variants}
     run_dir = ROOT / "results" / config["run"]
